@@ -1,0 +1,5 @@
+import sys
+
+from bnstudy.cli import main
+
+sys.exit(main())

@@ -1,0 +1,206 @@
+"""Lightning modules: one per architecture family, the variant (norm, init, optimizer) is config.
+
+Every module exposes what the instruments need:
+  self.net       the plain nn.Module (no Lightning), the thing probes are pointed at
+  self.loss_fn   loss_fn(outputs, targets) -> scalar, the loss the optimizer sees
+  self.lr        the learning rate (probe step sizes are multiples of it)
+"""
+from __future__ import annotations
+
+import inspect
+import time
+from typing import Literal
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+import torchmetrics
+from torch import nn
+
+from bnstudy.models import VGG, DeepLinear, init_weights
+from bnstudy.norms import NoiseConfig, resample_noise
+
+Norm = Literal["none", "batch", "noisy_batch", "l1", "l2", "linf", "layer", "group"]
+Init = Literal["glorot", "kaiming", "orthogonal", "default"]
+Optimizer = Literal["sgd", "adam", "adamw", "rmsprop"]
+Schedule = Literal["none", "cosine", "step"]
+
+
+class StudyModule(L.LightningModule):
+    """Shared training logic: optimizer from config, noisy-BN step boundaries, metrics, RNG state
+    in checkpoints. Subclasses build `self.net` and define `loss_fn`."""
+
+    def __init__(
+        self,
+        lr: float,
+        optimizer: Optimizer = "sgd",
+        momentum: float = 0.0,
+        weight_decay: float = 0.0,
+        betas: tuple[float, float] = (0.9, 0.999),
+        schedule: Schedule = "none",
+        init: Init = "glorot",
+        init_scale: float = 1.0,
+    ):
+        super().__init__()
+        if lr <= 0:
+            raise ValueError(f"model.lr must be > 0; got {lr}")
+        self.lr = lr
+        self.net: nn.Module
+
+    # -- optimization -------------------------------------------------------------------------
+    def configure_optimizers(self):
+        hp, params = self.hparams, self.parameters()
+        if hp.optimizer == "sgd":
+            opt = torch.optim.SGD(params, lr=self.lr, momentum=hp.momentum,
+                                  weight_decay=hp.weight_decay)
+        elif hp.optimizer == "adam":
+            opt = torch.optim.Adam(params, lr=self.lr, betas=hp.betas, weight_decay=hp.weight_decay)
+        elif hp.optimizer == "adamw":
+            opt = torch.optim.AdamW(params, lr=self.lr, betas=hp.betas,
+                                    weight_decay=hp.weight_decay)
+        else:
+            opt = torch.optim.RMSprop(params, lr=self.lr, momentum=hp.momentum,
+                                      weight_decay=hp.weight_decay)
+        if hp.schedule == "none":
+            return opt
+        total = self.trainer.estimated_stepping_batches
+        if hp.schedule == "cosine":
+            sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, int(total)))
+        else:  # step: divide by 10 at 50% and 75% of training
+            sched = torch.optim.lr_scheduler.MultiStepLR(
+                opt, milestones=[int(total * 0.5), int(total * 0.75)], gamma=0.1)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def _init_net(self) -> None:
+        init_weights(self.net, self.hparams.init, self.hparams.init_scale)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def loss_fn(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    # -- steps ----------------------------------------------------------------------------------
+    def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        resample_noise(self.net)  # noisy BN: one draw per training step, held for its probes
+        self._step_started = time.perf_counter()
+
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        out = self.net(x)
+        loss = self.loss_fn(out, y)
+        self.log("train/loss", loss, prog_bar=True)
+        self._update_metrics("train", out, y)
+        return loss
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        self._eval_step("val", batch)
+
+    def test_step(self, batch, batch_idx: int) -> None:
+        self._eval_step("test", batch)
+
+    def _eval_step(self, stage: str, batch) -> None:
+        x, y = batch
+        out = self.net(x)
+        self.log(f"{stage}/loss", self.loss_fn(out, y), prog_bar=stage == "val", sync_dist=True)
+        self._update_metrics(stage, out, y)
+
+    def _update_metrics(self, stage: str, out: torch.Tensor, y: torch.Tensor) -> None:
+        pass
+
+    # -- checkpoints: every RNG, so a resumed run repeats an uninterrupted one ------------------
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # The CLI's data->model links (dim, num_classes, ...) are recorded in the hyperparameters
+        # even for a model without that argument; drop those so --ckpt_path can rebuild the model.
+        params = inspect.signature(type(self).__init__).parameters
+        hparams = checkpoint.get("hyper_parameters", {})
+        for key in [k for k in hparams if not k.startswith("_") and k not in params]:
+            del hparams[key]
+        checkpoint["bnstudy_rng"] = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            checkpoint["bnstudy_rng"]["cuda"] = torch.cuda.get_rng_state_all()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        rng = checkpoint.get("bnstudy_rng")
+        if rng:
+            torch.set_rng_state(rng["torch"])
+            if "cuda" in rng and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(rng["cuda"])
+
+
+class VGGModule(StudyModule):
+    """VGG on images (CIFAR-10, digits), cross-entropy. `num_classes`, `in_channels` and
+    `image_size` come from the data module (linked in the CLI)."""
+
+    def __init__(
+        self,
+        depth: Literal[11, 13, 16, 19] = 16,
+        width: float = 1.0,
+        norm: Norm = "batch",
+        noise: NoiseConfig = NoiseConfig(),
+        groups: int = 32,
+        conv_bias: bool = True,
+        num_classes: int = 10,
+        in_channels: int = 3,
+        image_size: int = 32,
+        lr: float = 0.1,
+        optimizer: Optimizer = "sgd",
+        momentum: float = 0.0,
+        weight_decay: float = 0.0,
+        betas: tuple[float, float] = (0.9, 0.999),
+        schedule: Schedule = "none",
+        init: Init = "glorot",
+        init_scale: float = 1.0,
+    ):
+        super().__init__(lr, optimizer, momentum, weight_decay, betas, schedule, init, init_scale)
+        self.save_hyperparameters()
+        self.net = VGG(depth, width, norm, num_classes, in_channels, image_size, noise, groups,
+                       conv_bias)
+        self._init_net()
+        # keys are not bare stage names: ModuleDict["train"] would shadow Module.train()
+        self.accuracy = nn.ModuleDict({
+            f"{stage}_acc": torchmetrics.classification.MulticlassAccuracy(num_classes, average="micro")
+            for stage in ("train", "val", "test")
+        })
+
+    def loss_fn(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(outputs, targets)
+
+    def _update_metrics(self, stage: str, out: torch.Tensor, y: torch.Tensor) -> None:
+        metric = self.accuracy[f"{stage}_acc"]
+        metric(out.detach(), y)
+        self.log(f"{stage}/acc", metric, prog_bar=True)
+
+
+class DLNModule(StudyModule):
+    """Deep linear network on Gaussian regression, squared l2 loss summed over samples (paper's
+    plotted losses of 1e3-1e4 imply a sum) or averaged. `dim` (the layer width) comes from the
+    data (linked)."""
+
+    def __init__(
+        self,
+        depth: int = 25,
+        dim: int = 10,
+        norm: Norm = "none",
+        noise: NoiseConfig = NoiseConfig(),
+        bias: bool = False,
+        reduction: Literal["sum", "mean"] = "sum",
+        groups: int = 32,
+        lr: float = 1e-6,
+        optimizer: Optimizer = "sgd",
+        momentum: float = 0.0,
+        weight_decay: float = 0.0,
+        betas: tuple[float, float] = (0.9, 0.999),
+        schedule: Schedule = "none",
+        init: Init = "glorot",
+        init_scale: float = 1.0,
+    ):
+        super().__init__(lr, optimizer, momentum, weight_decay, betas, schedule, init, init_scale)
+        self.save_hyperparameters()
+        self.net = DeepLinear(depth, dim, norm, noise, bias, groups)
+        self._init_net()
+
+    def loss_fn(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        # squared l2 norm of the residual per sample, summed (or averaged) over samples
+        return F.mse_loss(outputs, targets, reduction="sum") / (
+            outputs.shape[0] if self.hparams.reduction == "mean" else 1)

@@ -1,0 +1,183 @@
+"""Normalization layers compared in the study, and one factory that builds any of them.
+
+Kinds (PROTOCOL.md sections 4 and 5):
+  none         identity
+  batch        torch BatchNorm (batch statistics in train mode, running statistics in eval)
+  noisy_batch  BatchNorm followed by BatchNoise (algorithm 1 of the paper)
+  l1, l2, linf LpNorm: y_hat = (y - mean_B y) / (mean_B |y|^p)^(1/p)  (max_B |y| for p = inf)
+  layer        LayerNorm over all features of a sample (GroupNorm with one group for conv maps)
+  group        GroupNorm
+
+"Batch" B is the batch for linear layers and batch x height x width for conv layers: statistics
+are per unit (channel).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+NORM_KINDS = ("none", "batch", "noisy_batch", "l1", "l2", "linf", "layer", "group")
+
+
+@dataclass
+class NoiseConfig:
+    """Constants of noisy BN (paper appendix A.2.1, algorithm 1)."""
+
+    n_mu: float = 0.5  # per-unit mean shift mu_j ~ U(-n_mu, n_mu)
+    n_sigma: float = 1.25  # per-unit scale sigma_j ~ U(1, n_sigma)
+    r_mu: float = 0.1  # per-sample shift m_ij ~ U(mu_j - r_mu, mu_j + r_mu)
+    r_sigma: float = 0.1  # per-sample scale s_ij ~ N(sigma_j, r_sigma)
+    in_eval: bool = False  # apply noise in eval mode too (paper: silent; default no)
+    seed: int = 0  # base seed of the noise generators (layer k uses seed + k)
+
+
+class BatchNoise(nn.Module):
+    """a_ij <- s_ij * a_ij + m_ij, with fresh (s, m) drawn once per training step.
+
+    The noise is drawn at the first forward after `resample()` (the training forward of the step)
+    and then held fixed, so every probe of that step sees the noise the optimizer saw. It is drawn
+    from the layer's own generator, so it never touches the global RNG; the generator state and
+    the held noise travel in the module's state_dict (extra state), so a resumed run draws the
+    same noise as one never stopped.
+    """
+
+    def __init__(self, cfg: NoiseConfig | None = None, layer_index: int = 0):
+        super().__init__()
+        self.cfg = cfg or NoiseConfig()
+        self.layer_index = layer_index
+        self.generator: torch.Generator | None = None
+        self.scale: torch.Tensor | None = None  # s, shape of the activation
+        self.shift: torch.Tensor | None = None  # m, shape of the activation
+        self.stale = True  # the next training forward draws new noise
+        self._loaded_state: torch.Tensor | None = None
+
+    def resample(self) -> None:
+        self.stale = True
+
+    def _generator(self, device: torch.device) -> torch.Generator:
+        if self.generator is None or self.generator.device != device:
+            self.generator = torch.Generator(device=device)
+            self.generator.manual_seed(self.cfg.seed + 1000003 * self.layer_index)
+            if self._loaded_state is not None:  # from a checkpoint: continue its sequence
+                self.generator.set_state(self._loaded_state)
+                self._loaded_state = None
+        return self.generator
+
+    def draw(self, like: torch.Tensor) -> None:
+        c, g = self.cfg, self._generator(like.device)
+        units = like.shape[1]
+        unit_shape = (1, units) + (1,) * (like.dim() - 2)
+        opts = dict(device=like.device, dtype=torch.float32, generator=g)
+        mu = (torch.rand(unit_shape, **opts) * 2 - 1) * c.n_mu
+        sigma = 1 + torch.rand(unit_shape, **opts) * (c.n_sigma - 1)
+        self.shift = (mu + (torch.rand(like.shape, **opts) * 2 - 1) * c.r_mu).to(like.dtype)
+        self.scale = (sigma + torch.randn(like.shape, **opts) * c.r_sigma).to(like.dtype)
+        self.stale = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training and not self.cfg.in_eval:
+            return x
+        if self.training and (self.stale or self.scale is None or self.scale.shape != x.shape):
+            self.draw(x)
+        if self.scale is None or self.scale.shape != x.shape:
+            # eval with in_eval=True on a batch of another shape than the last training batch
+            self.draw(x)
+        return x * self.scale + self.shift
+
+    def get_extra_state(self):
+        gen = self.generator.get_state() if self.generator is not None else None
+        return {"generator": gen, "scale": self.scale, "shift": self.shift, "stale": self.stale}
+
+    def set_extra_state(self, state) -> None:
+        self.generator, self._loaded_state = None, state.get("generator")
+        self.scale, self.shift, self.stale = state["scale"], state["shift"], state["stale"]
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v}" for k, v in vars(self.cfg).items())
+
+
+class LpNorm(nn.Module):
+    """Fix the first moment as BN does, then divide by the lp norm of the raw activations.
+
+        y_hat = (y - mean_B(y)) / (mean_B(|y|^p) + eps)^(1/p)      p = 1, 2
+        y_hat = (y - mean_B(y)) / (max_B |y| + eps)                  p = inf
+        z = gamma * y_hat + beta
+
+    Statistics are per unit over B (batch, and height x width for conv maps), and the lp norm is
+    taken "before the mean is shifted" (paper section 3.3), i.e. of y, not of y - mean. In eval
+    mode running averages of the mean and the norm are used, as BN does.
+    """
+
+    def __init__(self, num_features: int, p: float, eps: float = 1e-5, momentum: float = 0.1):
+        super().__init__()
+        if p not in (1, 2, math.inf):
+            raise ValueError(f"LpNorm p must be 1, 2 or inf, got {p}")
+        self.p, self.eps, self.momentum = p, eps, momentum
+        self.weight = nn.Parameter(torch.ones(num_features))
+        self.bias = nn.Parameter(torch.zeros(num_features))
+        self.register_buffer("running_mean", torch.zeros(num_features))
+        self.register_buffer("running_norm", torch.ones(num_features))
+        self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dims = [0] + list(range(2, x.dim()))
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        if self.training:
+            mean = x.mean(dim=dims)
+            if self.p == math.inf:
+                norm = x.abs().amax(dim=dims)
+            else:
+                norm = x.abs().pow(self.p).mean(dim=dims).add(self.eps).pow(1 / self.p)
+            with torch.no_grad():
+                self.running_mean.lerp_(mean.detach().to(self.running_mean.dtype), self.momentum)
+                self.running_norm.lerp_(norm.detach().to(self.running_norm.dtype), self.momentum)
+                self.num_batches_tracked += 1
+        else:
+            mean, norm = self.running_mean, self.running_norm
+        if self.p == math.inf:
+            norm = norm + self.eps
+        y = (x - mean.view(shape)) / norm.view(shape)
+        return y * self.weight.view(shape) + self.bias.view(shape)
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.numel()}, p={self.p}, eps={self.eps}"
+
+
+def _groups(channels: int, wanted: int) -> int:
+    """Largest divisor of `channels` that is at most `wanted` (width multipliers give odd sizes)."""
+    return max(g for g in range(1, min(wanted, channels) + 1) if channels % g == 0)
+
+
+def make_norm(
+    kind: str,
+    num_features: int,
+    spatial: bool,
+    noise: NoiseConfig | None = None,
+    layer_index: int = 0,
+    groups: int = 32,
+) -> nn.Module:
+    """The normalization layer `kind` for `num_features` units (channels when `spatial`)."""
+    if kind == "none":
+        return nn.Identity()
+    if kind in ("batch", "noisy_batch"):
+        bn = (nn.BatchNorm2d if spatial else nn.BatchNorm1d)(num_features)
+        if kind == "batch":
+            return bn
+        return nn.Sequential(bn, BatchNoise(noise, layer_index))
+    if kind in ("l1", "l2", "linf"):
+        return LpNorm(num_features, {"l1": 1, "l2": 2, "linf": math.inf}[kind])
+    if kind == "layer":
+        return nn.GroupNorm(1, num_features) if spatial else nn.LayerNorm(num_features)
+    if kind == "group":
+        return nn.GroupNorm(_groups(num_features, groups), num_features)
+    raise ValueError(f"norm must be one of {', '.join(NORM_KINDS)}; got {kind!r}")
+
+
+def resample_noise(model: nn.Module) -> None:
+    """Start a new training step: every noisy-BN layer draws new noise at its next forward."""
+    for m in model.modules():
+        if isinstance(m, BatchNoise):
+            m.resample()
