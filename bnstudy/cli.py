@@ -142,18 +142,22 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> StudyCLI:
     for noise in (r".*flops_per_batch.*", r".*isinstance\(treespec, LeafSpec\).*",
                   r".*does not have many workers.*", r".*srun. command is available.*"):
         warnings.filterwarnings("ignore", message=noise)
-    return StudyCLI(
-        model_class=None,
-        datamodule_class=None,
-        subclass_mode_model=True,
-        subclass_mode_data=True,
-        save_config_callback=LoggerSaveConfigCallback,
-        save_config_kwargs={"overwrite": True},
-        auto_configure_optimizers=False,
-        parser_kwargs={"exit_on_error": False},  # errors reach main(), which prints one line
-        args=args,
-        run=run,
-    )
+    try:
+        return StudyCLI(
+            model_class=None,
+            datamodule_class=None,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            save_config_callback=LoggerSaveConfigCallback,
+            save_config_kwargs={"overwrite": True},
+            auto_configure_optimizers=False,
+            parser_kwargs={"exit_on_error": False},  # errors reach main(), which prints one line
+            args=args,
+            run=run,
+        )
+    finally:
+        if run and "wandb" in sys.modules and sys.modules["wandb"].run is not None:
+            sys.modules["wandb"].finish()  # the next run in this process gets its own W&B run
 
 
 def summarize_config_error(message: str) -> str:
@@ -185,10 +189,6 @@ def main(argv: list[str] | None = None) -> int:
         from bnstudy.grid import main as grid_main
 
         return grid_main(argv[1:])
-    if argv and argv[0] == "bench":
-        from bnstudy.bench import main as bench_main
-
-        return bench_main(argv[1:])
     try:
         cli_main(args)
     except (ArgumentError, ValueError, TypeError) as err:

@@ -1,0 +1,204 @@
+"""The LightningCLI end to end: every config, composition, overrides, errors, resume, divergence,
+run directories and W&B offline files. Real fits of tiny models."""
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from bnstudy.cli import cli_main, main
+import wandb_records
+from conftest import REPO
+
+CONFIGS = sorted(p.name for p in (REPO / "configs").glob("*.yaml"))
+TINY_VGG = ["--model.width=0.0625", "--model.depth=11", "--data.batch_size=8"]
+TINY_DLN = ["--model.depth=5", "--data.num_samples=64", "--data.steps_per_epoch=2"]
+
+
+def tiny_args(config: str, cifar_root: Path | None = None) -> list[str]:
+    args = ["--config", str(REPO / "configs" / config), "--trainer.max_steps=3",
+            "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
+            "--trainer.log_every_n_steps=1"]
+    if config.startswith("dln"):
+        return args + TINY_DLN + ["--trainer.check_val_every_n_epoch=1"]
+    args += TINY_VGG + ["--trainer.val_check_interval=3", "--trainer.limit_val_batches=2"]
+    if cifar_root is not None and config.startswith("vgg"):
+        args += [f"--data.root={cifar_root}", "--data.download=false",
+                 "--data.eval_batch_size=10"]
+    return args
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    with open(run_dir / "metrics.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def last(rows: list[dict], key: str) -> float:
+    return [float(r[key]) for r in rows if r.get(key)][-1]
+
+
+def assert_identical(a, b, where: str) -> None:
+    """Bit-for-bit equality of tensors, also nested in dicts (noisy BN's extra state)."""
+    if isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for k in a:
+            assert_identical(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), where
+    else:
+        assert a == b, where
+
+
+def test_all_paper_configs_exist():
+    want = {f"{a}{b}.yaml" for a in ("vgg", "dln")
+            for b in ("", "_bn", "_noisy_bn", "_l1", "_l2", "_linf")} | {"quickstart.yaml"}
+    assert want <= set(CONFIGS)
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_config_instantiates_with_paper_settings(config, in_tmp):
+    cli = cli_main(["--config", str(REPO / "configs" / config)], run=False)
+    model, trainer = cli.model, cli.trainer
+    norm = yaml.safe_load((REPO / "configs" / config).read_text())["model"]["init_args"]["norm"]
+    assert model.hparams.norm == norm
+    assert model.hparams.optimizer == "sgd" and model.hparams.momentum == 0
+    assert model.hparams.init == "glorot"
+    if config.startswith("vgg"):
+        assert trainer.max_steps == 15000 and model.lr == 0.1
+        assert cli.datamodule.batch_size == 128 and not cli.datamodule.augment
+        convs = [m for m in model.net.modules() if isinstance(m, torch.nn.Conv2d)]
+        assert len(convs) == 13  # VGG-16
+    elif config.startswith("dln"):
+        assert trainer.max_steps == 10000 and model.lr == 1e-6
+        linears = [m for m in model.net.modules() if isinstance(m, torch.nn.Linear)]
+        assert len(linears) == 25 and linears[0].weight.shape == (10, 10)
+        assert model.hparams.reduction == "sum"
+        assert cli.datamodule.num_samples == 1000
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_config_trains_a_tiny_version(config, in_tmp, tiny_cifar, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    run_dir = in_tmp / "run"
+    cli = cli_main(["fit", *tiny_args(config, tiny_cifar), f"--run_dir={run_dir}"])
+    assert cli.trainer.global_step == 3
+    rows = read_metrics(run_dir)
+    assert torch.isfinite(torch.tensor(last(rows, "train/loss")))
+    assert (run_dir / "config.yaml").exists() and (run_dir / "checkpoints" / "last.ckpt").exists()
+
+
+def test_configs_compose_and_dotted_overrides_win(in_tmp, capsys):
+    extra = in_tmp / "fast.yaml"
+    extra.write_text("model:\n  init_args:\n    lr: 0.5\ntrainer:\n  max_steps: 7\n")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(REPO / "configs" / "vgg_bn.yaml"), "--config", str(extra),
+              "--model.optimizer=adam", "--seed_everything=123", "--print_config"])
+    assert exit_info.value.code == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["model"]["init_args"]["lr"] == 0.5  # from the second file
+    assert printed["model"]["init_args"]["optimizer"] == "adam"  # dotted override
+    assert printed["model"]["init_args"]["norm"] == "batch"  # from the first file
+    assert printed["trainer"]["max_steps"] == 7 and printed["seed_everything"] == 123
+
+
+@pytest.mark.parametrize("arg, message", [
+    ("--model.lrr=0.5", "unknown key model.lrr"),
+    ("--trainer.max_stepz=3", "unknown key trainer.max_stepz"),
+    ("--model.norm=bn", "bad value for model.norm"),
+    ("--data.batch_size=abc", "bad value for data.batch_size"),
+    ("--model.lr=-1", "model.lr must be > 0"),
+])
+def test_bad_keys_and_values_fail_with_one_line(arg, message, in_tmp):
+    proc = subprocess.run([sys.executable, "-m", "bnstudy", "fit", "--config",
+                           str(REPO / "configs" / "quickstart.yaml"), arg],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    errors = [line for line in proc.stderr.splitlines() if "error" in line.lower()]
+    assert errors == [f"bnstudy: error: {errors[0].split('error: ', 1)[1]}"]
+    assert message in errors[0]
+    assert "Traceback" not in proc.stderr
+
+
+def test_run_directories_never_collide(in_tmp, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    dirs = []
+    for _ in range(2):
+        cli = cli_main(["fit", *tiny_args("dln.yaml")])
+        dirs.append(Path(cli.trainer.default_root_dir))
+        monkeypatch.delenv("BNSTUDY_RUN_DIR")
+    assert dirs[0] != dirs[1] and dirs[0].parent == dirs[1].parent == Path("runs/dln")
+    assert all((d / "config.yaml").exists() and (d / "metrics.csv").exists() for d in dirs)
+
+
+def test_wandb_offline_run_has_config_and_metrics(in_tmp):
+    run_dir = in_tmp / "run"
+    proc = subprocess.run([sys.executable, "-m", "bnstudy", "fit", *tiny_args("quickstart.yaml"),
+                           f"--run_dir={run_dir}"], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "WANDB_MODE": "offline"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    run_id = (run_dir / "wandb_id").read_text().strip()
+    assert wandb_records.run_file(run_dir).name == f"run-{run_id}.wandb"
+    config = wandb_records.config(run_dir)
+    assert config["model"]["init_args"]["norm"] == "batch"  # the full resolved CLI config
+    assert config["trainer"]["max_steps"] == 3 and config["run_dir"] == str(run_dir)
+    logged = [row for row in wandb_records.history(run_dir) if "train/loss" in row]
+    assert [row["trainer/global_step"] for row in logged] == [0, 1, 2]
+    csv_losses = [float(r["train/loss"]) for r in read_metrics(run_dir) if r["train/loss"]]
+    assert [row["train/loss"] for row in logged] == pytest.approx(csv_losses)  # same numbers
+
+
+def test_resume_from_last_checkpoint_matches_uninterrupted_run(in_tmp, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    base = ["--config", str(REPO / "configs" / "quickstart.yaml"), *TINY_VGG,
+            "--model.norm=noisy_batch", "--trainer.val_check_interval=5",
+            "--trainer.enable_progress_bar=false", "--data.batch_size=16"]
+    whole = in_tmp / "whole"
+    cli_main(["fit", *base, "--trainer.max_steps=30", f"--run_dir={whole}"])
+    monkeypatch.delenv("BNSTUDY_RUN_DIR")
+    parts = in_tmp / "parts"
+    cli_main(["fit", *base, "--trainer.max_steps=15", f"--run_dir={parts}"])
+    monkeypatch.delenv("BNSTUDY_RUN_DIR")
+    cli = cli_main(["fit", *base, "--trainer.max_steps=30", f"--run_dir={parts}",
+                    f"--ckpt_path={parts / 'checkpoints' / 'last.ckpt'}"])
+    assert cli.trainer.global_step == 30
+    a = torch.load(whole / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
+    b = torch.load(parts / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
+    assert a.keys() == b.keys()
+    for key in a:
+        assert_identical(a[key], b[key], key)
+    whole_rows, part_rows = read_metrics(whole), read_metrics(parts)
+    assert last(whole_rows, "val/acc") == last(part_rows, "val/acc")
+    assert last(whole_rows, "train/loss") == last(part_rows, "train/loss")
+    # nothing logged before the interruption was lost
+    assert {r["step"] for r in whole_rows} <= {r["step"] for r in part_rows}
+
+
+def test_divergence_stops_cleanly_with_exit_code_0(in_tmp):
+    run_dir = in_tmp / "div"
+    cmd = [sys.executable, "-m", "bnstudy", "fit", *tiny_args("quickstart.yaml"),
+           "--model.norm=none", "--model.lr=1e4", "--model.init=kaiming", "--model.init_scale=3",
+           "--trainer.max_steps=50", f"--run_dir={run_dir}"]
+    env = {**os.environ, "WANDB_MODE": "disabled"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "diverged" in proc.stderr
+    rows = read_metrics(run_dir)
+    assert last(rows, "diverged") == 1.0
+    assert last(rows, "diverged_step") < 49  # stopped early, not at max_steps
+
+    fail = subprocess.run(cmd[:-1] + [f"--run_dir={run_dir}2", "--divergence.on_divergence=fail"],
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert fail.returncode != 0 and "DivergedError" in fail.stderr
+
+
+def test_healthy_run_is_marked_not_diverged(in_tmp, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    cli = cli_main(["fit", *tiny_args("dln_bn.yaml"), "--run_dir=ok"])
+    assert last(read_metrics(Path("ok")), "diverged") == 0.0
+    assert cli.trainer.global_step == 3

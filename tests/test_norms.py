@@ -1,0 +1,137 @@
+"""Noisy BN against algorithm 1, lp normalizations against a hand computation."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from bnstudy.norms import BatchNoise, LpNorm, NoiseConfig, make_norm, resample_noise
+
+
+def _drawn(shape, cfg=NoiseConfig(), seed=0):
+    noise = BatchNoise(NoiseConfig(**{**vars(cfg), "seed": seed}))
+    noise.train()
+    x = torch.zeros(shape)
+    noise(x)
+    return noise
+
+
+def test_noise_parameters_follow_algorithm_1():
+    cfg = NoiseConfig(n_mu=0.5, n_sigma=1.25, r_mu=0.1, r_sigma=0.1)
+    noise = _drawn((512, 8, 6, 6), cfg)  # conv map: batch x channels x H x W
+    shift, scale = noise.shift, noise.scale
+    assert shift.shape == scale.shape == (512, 8, 6, 6)  # per sample and position
+    # per channel: mu_j is the centre of U(mu_j - r_mu, mu_j + r_mu) ...
+    mu = (shift.amax(dim=(0, 2, 3)) + shift.amin(dim=(0, 2, 3))) / 2
+    spread = (shift.amax(dim=(0, 2, 3)) - shift.amin(dim=(0, 2, 3))) / 2
+    assert torch.all(mu.abs() <= cfg.n_mu + 1e-3)
+    assert torch.allclose(spread, torch.full_like(spread, cfg.r_mu), atol=2e-3)
+    # ... and sigma_j ~ U(1, n_sigma) is the mean of N(sigma_j, r_sigma)
+    sigma = scale.mean(dim=(0, 2, 3))
+    assert torch.all(sigma > 1 - 5e-3) and torch.all(sigma < cfg.n_sigma + 5e-3)
+    assert torch.allclose(scale.std(dim=(0, 2, 3)), torch.full((8,), cfg.r_sigma), rtol=0.05)
+    # the per-channel parameters differ between channels (not one draw for the layer)
+    assert mu.std() > 0.05 and sigma.std() > 0.02
+    # the shift within a channel is uniform: its variance is r_mu^2 / 3
+    assert torch.allclose(shift.var(dim=(0, 2, 3)), torch.full((8,), cfg.r_mu ** 2 / 3), rtol=0.05)
+
+
+def test_per_unit_parameters_over_many_draws_are_uniform():
+    cfg = NoiseConfig(n_mu=0.5, n_sigma=1.25, r_mu=0.0, r_sigma=0.0)
+    noise = _drawn((2, 4000), cfg)
+    mu, sigma = noise.shift[0], noise.scale[0]
+    assert torch.equal(noise.shift[0], noise.shift[1])  # r = 0: no per-sample variation
+    assert mu.min() >= -0.5 and mu.max() <= 0.5 and abs(mu.mean()) < 0.03
+    assert abs(mu.var() - 1 / 12) < 0.01  # U(-0.5, 0.5)
+    assert sigma.min() >= 1 and sigma.max() <= 1.25 and abs(sigma.mean() - 1.125) < 0.01
+
+
+def test_noise_is_held_within_a_step_and_redrawn_at_the_next():
+    torch.manual_seed(0)
+    layer = make_norm("noisy_batch", 4, spatial=False)
+    layer.train()
+    x = torch.randn(16, 4)
+    rng_before = torch.get_rng_state()
+    first = layer(x)
+    assert torch.equal(torch.get_rng_state(), rng_before)  # own generator: global RNG untouched
+    assert torch.equal(layer(x), first)  # a probe within the step sees the same noise
+    resample_noise(layer)
+    assert not torch.equal(layer(x), first)
+    bn_only = nn.BatchNorm1d(4)
+    assert not torch.allclose(first, bn_only(x))  # noise is really applied
+
+
+def test_noise_off_in_eval_by_default_and_on_when_asked():
+    layer = make_norm("noisy_batch", 3, spatial=False)
+    x = torch.randn(8, 3)
+    layer.train()
+    layer(x)
+    layer.eval()
+    assert torch.equal(layer(x), layer[0](x))
+    on = make_norm("noisy_batch", 3, spatial=False, noise=NoiseConfig(in_eval=True))
+    on.train()
+    on(x)
+    on.eval()
+    assert not torch.equal(on(x), on[0](x))
+
+
+def test_noise_state_round_trips_through_state_dict():
+    a = make_norm("noisy_batch", 3, spatial=False, noise=NoiseConfig(seed=7))
+    a.train()
+    x = torch.randn(5, 3)
+    a(x)
+    resample_noise(a)
+    b = make_norm("noisy_batch", 3, spatial=False, noise=NoiseConfig(seed=7))
+    b.load_state_dict(a.state_dict())
+    b.train()
+    assert torch.equal(a(x), b(x))  # the second draw continues the saved generator
+
+
+@pytest.mark.parametrize("p", [1, 2, math.inf])
+@pytest.mark.parametrize("spatial", [False, True])
+def test_lp_norm_matches_hand_computation(p, spatial):
+    torch.manual_seed(1)
+    x = torch.randn(6, 3, 4, 4) * 3 + 2 if spatial else torch.randn(10, 3) * 3 + 2
+    layer = LpNorm(3, p)
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor([1.0, 2.0, -0.5]))
+        layer.bias.copy_(torch.tensor([0.0, 1.0, 3.0]))
+    out = layer(x)
+    # by hand, one unit at a time, with the unit's values over batch (x H x W) as a flat list
+    for j in range(3):
+        vals = (x[:, j] if not spatial else x[:, j].reshape(-1)).reshape(-1).tolist()
+        mean = sum(vals) / len(vals)
+        if p == math.inf:
+            norm = max(abs(v) for v in vals) + layer.eps
+        else:
+            norm = (sum(abs(v) ** p for v in vals) / len(vals) + layer.eps) ** (1 / p)
+        want = [(v - mean) / norm * layer.weight[j].item() + layer.bias[j].item() for v in vals]
+        got = (out[:, j] if not spatial else out[:, j].reshape(-1)).reshape(-1)
+        assert torch.allclose(got, torch.tensor(want), rtol=1e-5, atol=1e-5)
+
+
+def test_lp_norm_eval_uses_running_statistics():
+    layer = LpNorm(2, 2, momentum=1.0)  # running stats = last batch
+    x = torch.randn(32, 2) + 1
+    train_out = layer(x)
+    layer.eval()
+    assert torch.allclose(layer(x), train_out, atol=1e-6)
+    assert layer.num_batches_tracked.item() == 1
+    assert not torch.allclose(layer(x[:4]), train_out[:4] * 0)
+
+
+@pytest.mark.parametrize("kind", ["none", "batch", "noisy_batch", "l1", "l2", "linf", "layer",
+                                  "group"])
+def test_every_kind_builds_for_conv_and_linear(kind):
+    for spatial, x in ((True, torch.randn(4, 12, 3, 3)), (False, torch.randn(4, 12))):
+        layer = make_norm(kind, 12, spatial=spatial, groups=8)
+        assert layer(x).shape == x.shape
+    if kind == "group":
+        assert make_norm(kind, 12, spatial=True, groups=8).num_groups == 6  # divisor of 12
+
+
+def test_unknown_norm_names_the_choices():
+    with pytest.raises(ValueError, match="norm must be one of none, batch"):
+        make_norm("bn", 4, spatial=False)
