@@ -32,6 +32,7 @@ from lightning.pytorch.callbacks import (
 from lightning.pytorch.cli import LightningCLI
 
 from bnstudy.callbacks import DivergenceGuard, LoggerSaveConfigCallback
+from bnstudy.data import DataNotFoundError
 
 RUN_DIR_ENV = "BNSTUDY_RUN_DIR"  # shared with child processes (DDP) so every rank agrees
 
@@ -189,8 +190,15 @@ def main(argv: list[str] | None = None) -> int:
         from bnstudy.grid import main as grid_main
 
         return grid_main(argv[1:])
+    if argv and argv[0] == "plot":
+        from bnstudy.plot import main as plot_main
+
+        return plot_main(argv[1:])
     try:
         cli_main(args)
+    except DataNotFoundError as err:  # raised in fit, once the data is looked for
+        print(f"bnstudy: error: {err}", file=sys.stderr)
+        return 2
     except (ArgumentError, ValueError, TypeError) as err:
         if os.environ.get("BNSTUDY_DEBUG") or not _is_config_error(err):
             raise

@@ -34,6 +34,10 @@ class NoiseConfig:
     seed: int = 0  # base seed of the noise generators (layer k uses seed + k)
 
 
+# checkpoints hold NoiseConfig in their hyperparameters; let torch.load(weights_only=True) read it
+torch.serialization.add_safe_globals([NoiseConfig])
+
+
 class BatchNoise(nn.Module):
     """a_ij <- s_ij * a_ij + m_ij, with fresh (s, m) drawn once per training step.
 

@@ -8,10 +8,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.pop("BNSTUDY_RUN_DIR", None)
+# Tiny models: one thread is faster than two threads fighting over two cores.
+torch.set_num_threads(1)
 
 REPO = Path(__file__).resolve().parents[1]
 
