@@ -1,10 +1,14 @@
-"""Training callbacks that are not instruments: divergence guard and W&B/config bookkeeping."""
+"""Training callbacks that are not instruments: divergence guard, checkpoints, SLURM requeue, and
+W&B/config bookkeeping."""
 from __future__ import annotations
 
 import math
+import signal
 from typing import Literal
 
 import lightning as L
+from lightning.fabric.plugins.environments import SLURMEnvironment
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_warn
@@ -67,3 +71,59 @@ class LoggerSaveConfigCallback(SaveConfigCallback):
                 logger.experiment.config.update(resolved, allow_val_change=True)
             else:
                 logger.log_hyperparams(resolved)
+
+
+class RequeueAtStepEnd(L.Callback):
+    """Lightning's SLURM auto-requeue (hpc checkpoint + `scontrol requeue`), run at the end of a
+    training step instead of inside the signal handler, where a checkpoint could mix the weights
+    of one step with the counters or loader position of another. All DDP ranks act at the same
+    step; the W&B run is marked preempting so a sweep hands it back under the same run id."""
+
+    def __init__(self):
+        self._lightning_handler, self._signum = None, None
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        env = trainer._accelerator_connector.cluster_environment
+        if not (isinstance(env, SLURMEnvironment) and env.auto_requeue):
+            return
+        handler = signal.getsignal(env.requeue_signal)  # Lightning's, registered just before
+        if callable(handler):
+            self._lightning_handler = handler
+            signal.signal(env.requeue_signal, self._defer)
+
+    def _defer(self, signum, frame) -> None:
+        self._signum = signum
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self._lightning_handler is None:
+            return
+        pending = self._signum is not None
+        if trainer.world_size > 1:
+            pending = trainer.strategy.reduce_boolean_decision(pending, all=False)
+        if not pending:
+            return
+        signum, self._signum = self._signum or signal.SIGUSR1, None
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger) and trainer.is_global_zero:
+                logger.experiment.mark_preempting()
+        self._lightning_handler(signum, None)
+
+
+class LastCheckpoint(ModelCheckpoint):
+    """last.ckpt every `every_n_train_steps` steps and after the final step, whatever the monitored
+    metric does (ModelCheckpoint's save_last only follows its own save triggers). Saved at the end
+    of a training step, the only point where a resumed run continues exactly."""
+
+    def __init__(self, dirpath=None, every_n_train_steps: int = 100):
+        super().__init__(dirpath=dirpath, save_last=True, save_top_k=0,
+                         every_n_train_steps=every_n_train_steps)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        epoch_loop = trainer.fit_loop.epoch_loop
+        final = trainer.global_step == trainer.max_steps or (
+            trainer.max_epochs not in (None, -1)
+            and trainer.current_epoch == trainer.max_epochs - 1
+            and epoch_loop.batch_progress.is_last_batch)
+        if final and self._last_global_step_saved != trainer.global_step:
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))

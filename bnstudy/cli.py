@@ -2,8 +2,8 @@
 
 Beyond LightningCLI it adds:
 - one run directory per run (`--run_dir`, default runs/<config>/<time>-<id>): config.yaml,
-  checkpoints/, metrics.csv and wandb files all land there; re-running with the same run_dir
-  resumes (SLURM requeue, --ckpt_path) under the same W&B run id;
+  checkpoints/, metrics.csv and wandb files all land there; re-running `fit` with the same
+  run_dir resumes from its last checkpoint (or SLURM hpc checkpoint) under the same W&B run id;
 - links from the data module to the model (image size/channels/classes, DLN dimension);
 - the divergence guard and the checkpointing as configurable groups (--divergence.*,
   --checkpoint.*), throughput and learning-rate logging, a rich progress bar;
@@ -31,7 +31,12 @@ from lightning.pytorch.callbacks import (
 )
 from lightning.pytorch.cli import LightningCLI
 
-from bnstudy.callbacks import DivergenceGuard, LoggerSaveConfigCallback
+from bnstudy.callbacks import (
+    DivergenceGuard,
+    LastCheckpoint,
+    LoggerSaveConfigCallback,
+    RequeueAtStepEnd,
+)
 from bnstudy.data import DataNotFoundError
 
 RUN_DIR_ENV = "BNSTUDY_RUN_DIR"  # shared with child processes (DDP) so every rank agrees
@@ -55,6 +60,10 @@ def default_run_dir(config_paths: list) -> Path:
     multi-task job must agree and a requeued task must find its own directory again), else a
     timestamp plus a random suffix, so a re-run never collides with an earlier one."""
     stem = "+".join(Path(str(p)).stem for p in config_paths) or "run"
+    if os.environ.get("WANDB_SWEEP_ID") and os.environ.get("WANDB_RUN_ID"):
+        # started by `wandb agent`: one directory per sweep run, so a requeued agent worker that
+        # is handed another run never resumes this one's checkpoint
+        return Path("runs") / f"sweep-{os.environ['WANDB_SWEEP_ID']}" / os.environ["WANDB_RUN_ID"]
     if "SLURM_ARRAY_JOB_ID" in os.environ:
         run_id = f"slurm-{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}"
     elif "SLURM_JOB_ID" in os.environ:
@@ -76,6 +85,15 @@ def wandb_run_id(run_dir: Path) -> str:
     return run_id
 
 
+def resume_path(run_dir: Path) -> str | None:
+    """Re-running in a run directory resumes it: from last.ckpt, unless a SLURM hpc checkpoint is
+    there (Lightning restores that one itself, and only when no ckpt_path is given)."""
+    if list(run_dir.glob("hpc_ckpt_*.ckpt")):
+        return None
+    last = run_dir / "checkpoints" / "last.ckpt"
+    return str(last) if last.exists() else None
+
+
 def ensure_wandb_mode() -> None:
     """wandb with no key and no network would prompt or retry; default to offline instead."""
     if os.environ.get("WANDB_MODE") or os.environ.get("WANDB_API_KEY"):
@@ -94,9 +112,10 @@ class StudyCLI(LightningCLI):
                             help="Directory for all outputs of this run; reusing it resumes. "
                                  "Default: runs/<config>/<time>-<id>.")
         parser.add_lightning_class_args(DivergenceGuard, "divergence")
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
-        parser.set_defaults({"checkpoint.save_last": True, "checkpoint.monitor": "val/loss",
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")  # the best checkpoint
+        parser.set_defaults({"checkpoint.save_last": False, "checkpoint.monitor": "val/loss",
                              "checkpoint.filename": "best-{step}"})
+        parser.add_lightning_class_args(LastCheckpoint, "last_checkpoint")  # last.ckpt
         # The model's input/output shape comes from the data. A link whose target the chosen
         # model lacks is skipped (VGG has no `dim`, the DLN no `num_classes`).
         for key in ("num_classes", "in_channels", "image_size", "dim"):
@@ -110,8 +129,11 @@ class StudyCLI(LightningCLI):
         os.environ[RUN_DIR_ENV] = str(run_dir)
         cfg.run_dir = str(run_dir)
         cfg.trainer.default_root_dir = str(run_dir)
-        if cfg.checkpoint.dirpath is None:
-            cfg.checkpoint.dirpath = str(run_dir / "checkpoints")
+        for group in (cfg.checkpoint, cfg.last_checkpoint):
+            if group.dirpath is None:
+                group.dirpath = str(run_dir / "checkpoints")
+        if self.subcommand == "fit" and cfg.get("ckpt_path") is None:
+            cfg.ckpt_path = resume_path(run_dir)
         loggers = cfg.trainer.logger
         for logger in loggers if isinstance(loggers, list) else [loggers]:
             if not hasattr(logger, "class_path"):
@@ -122,7 +144,7 @@ class StudyCLI(LightningCLI):
                 args.name, args.version = "", ""  # metrics.csv directly in the run directory
             if logger.class_path.endswith("WandbLogger"):
                 ensure_wandb_mode()
-                args.id = args.id or wandb_run_id(run_dir)
+                args.id = args.id or os.environ.get("WANDB_RUN_ID") or wandb_run_id(run_dir)
                 args.name = args.name or "/".join(run_dir.parts[-2:])
                 args.dir = str(run_dir)
                 args.resume = args.get("resume") or "allow"
@@ -131,7 +153,7 @@ class StudyCLI(LightningCLI):
         cfg = self.config_init[self.subcommand] if self.subcommand else self.config_init
         extra = [LearningRateMonitor(logging_interval="step")]
         if self.subcommand == "fit":
-            extra.append(ThroughputMonitor(batch_size_fn=_batch_size))
+            extra += [ThroughputMonitor(batch_size_fn=_batch_size), RequeueAtStepEnd()]
         if cfg.trainer.get("enable_progress_bar") is not False:
             extra.append(RichProgressBar())
         callbacks = list(cfg.trainer.get("callbacks") or []) + extra

@@ -53,6 +53,14 @@ def _generator(*keys: int) -> torch.Generator:
     return torch.Generator().manual_seed(_derived_seed(*keys))
 
 
+def _replicas(datamodule: L.LightningDataModule) -> dict:
+    """The DDP split of the attached trainer (one replica outside a distributed fit)."""
+    trainer = datamodule.trainer
+    if trainer is None or trainer.world_size == 1:
+        return {}
+    return {"num_replicas": trainer.world_size, "rank": trainer.global_rank}
+
+
 def _check_positive(name: str, value: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise ValueError(f"{name} must be a positive integer; got {value!r}")
@@ -89,14 +97,21 @@ class TensorLoader:
     depend only on the position, so resuming needs nothing but (epoch, position): that is the
     state Lightning saves through `state_dict` / `load_state_dict`.
 
-    Limits: one process (it does not shard across DDP ranks; the study runs on one device), and
-    with `limit_train_batches` below its length an epoch-end checkpoint resumes inside the cut
+    Under DDP (num_replicas > 1) rank r takes every num_replicas-th sample of each global batch
+    and an incomplete last global batch is dropped. With `limit_train_batches` below its length an epoch-end checkpoint resumes inside the cut
     epoch instead of starting the next one (the loader cannot see Lightning's limit).
     """
 
     def __init__(self, tensors: Sequence[torch.Tensor], batch_size: int, shuffle: bool = False,
-                 seed: int = 0, drop_last: bool = False, transform: Optional[Transform] = None):
+                 seed: int = 0, drop_last: bool = False, transform: Optional[Transform] = None,
+                 num_replicas: int = 1, rank: int = 0):
         _check_positive("batch_size", batch_size)
+        if not 0 <= rank < num_replicas:
+            raise ValueError(f"rank must be in [0, num_replicas); got {rank} of {num_replicas}")
+        # Under DDP every rank walks the same permutation in global batches of
+        # batch_size * num_replicas and takes every num_replicas-th sample of each, so the ranks
+        # together train on exactly what one process would with the global batch.
+        self.num_replicas, self.rank = num_replicas, rank
         if len(tensors) == 0 or any(len(t) != len(tensors[0]) for t in tensors):
             raise ValueError("tensors must be a non-empty sequence of tensors of equal length; "
                              f"got lengths {[len(t) for t in tensors]}")
@@ -113,9 +128,10 @@ class TensorLoader:
         return len(self.tensors[0])
 
     def __len__(self) -> int:
-        if self.drop_last:
-            return self.num_samples // self.batch_size
-        return -(-self.num_samples // self.batch_size)
+        step = self.batch_size * self.num_replicas
+        if self.drop_last or self.num_replicas > 1:  # no rank may get an empty last batch
+            return self.num_samples // step
+        return -(-self.num_samples // step)
 
     def _begin_pass(self) -> tuple[int, int]:
         """(epoch, first batch) of the pass that starts now: the saved one after load_state_dict,
@@ -137,8 +153,9 @@ class TensorLoader:
             order = torch.randperm(self.num_samples, generator=_generator(self.seed, epoch))
         else:
             order = torch.arange(self.num_samples)
+        step = self.batch_size * self.num_replicas
         for i in range(start, len(self)):
-            idx = order[i * self.batch_size:(i + 1) * self.batch_size]
+            idx = order[i * step:(i + 1) * step][self.rank::self.num_replicas]
             x, *rest = (t[idx] for t in self.tensors)
             if self.transform is not None:
                 x = self.transform(x, _generator(self.seed, epoch, i))
@@ -163,8 +180,11 @@ class FullBatchLoader(TensorLoader):
     fewer Lightning epoch boundaries). Stateful like TensorLoader, so mid-epoch resume is exact
     and Lightning does not warn about an unresumable loader."""
 
-    def __init__(self, tensors: Sequence[torch.Tensor], steps: int):
+    def __init__(self, tensors: Sequence[torch.Tensor], steps: int, num_replicas: int = 1,
+                 rank: int = 0):
         _check_positive("steps_per_epoch", steps)
+        # under DDP each rank holds every num_replicas-th sample: together, the full batch
+        tensors = tuple(t[rank::num_replicas] for t in tensors)
         super().__init__(tensors, batch_size=len(tensors[0]))
         self.steps = steps
 
@@ -278,6 +298,7 @@ class CIFAR10Data(L.LightningDataModule):
         if self.in_memory:
             self.setup()
             return TensorLoader(self._splits[train], batch_size, shuffle=train, seed=self.seed,
+                                **(_replicas(self) if train else {}),
                                 transform=self._crop_flip if (train and self.augment) else None)
         return torch.utils.data.DataLoader(
             self._dataset(train, self._torchvision_transform(train)), batch_size=batch_size,
@@ -329,7 +350,8 @@ class DigitsData(L.LightningDataModule):
 
     def train_dataloader(self):
         self.setup()
-        return TensorLoader(self.train_set, self.batch_size, shuffle=True, seed=self.seed)
+        return TensorLoader(self.train_set, self.batch_size, shuffle=True, seed=self.seed,
+                            **_replicas(self))
 
     def val_dataloader(self):
         self.setup()
@@ -371,7 +393,7 @@ class GaussianRegressionData(L.LightningDataModule):
         return (torch.rand(self.num_samples, self.dim, generator=g) * 2 - 1) * 3 ** 0.5
 
     def train_dataloader(self):
-        return FullBatchLoader((self.X, self.Y), self.steps_per_epoch)
+        return FullBatchLoader((self.X, self.Y), self.steps_per_epoch, **_replicas(self))
 
     def val_dataloader(self):
         return TensorLoader((self.X_test, self.Y_test), self.num_samples)

@@ -20,7 +20,7 @@ from torch import nn
 from bnstudy.models import VGG, DeepLinear, init_weights
 from bnstudy.norms import NoiseConfig, resample_noise
 
-Norm = Literal["none", "batch", "noisy_batch", "l1", "l2", "linf", "layer", "group"]
+Norm = Literal["none", "batch", "noisy_batch", "noise", "l1", "l2", "linf", "layer", "group"]
 Init = Literal["glorot", "kaiming", "orthogonal", "default"]
 Optimizer = Literal["sgd", "adam", "adamw", "rmsprop"]
 Schedule = Literal["none", "cosine", "step"]

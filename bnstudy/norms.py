@@ -4,6 +4,7 @@ Kinds (PROTOCOL.md sections 4 and 5):
   none         identity
   batch        torch BatchNorm (batch statistics in train mode, running statistics in eval)
   noisy_batch  BatchNorm followed by BatchNoise (algorithm 1 of the paper)
+  noise        BatchNoise alone: the same noise in a network without BN (claim 2's control)
   l1, l2, linf LpNorm: y_hat = (y - mean_B y) / (mean_B |y|^p)^(1/p)  (max_B |y| for p = inf)
   layer        LayerNorm over all features of a sample (GroupNorm with one group for conv maps)
   group        GroupNorm
@@ -19,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-NORM_KINDS = ("none", "batch", "noisy_batch", "l1", "l2", "linf", "layer", "group")
+NORM_KINDS = ("none", "batch", "noisy_batch", "noise", "l1", "l2", "linf", "layer", "group")
 
 
 @dataclass
@@ -166,6 +167,8 @@ def make_norm(
     """The normalization layer `kind` for `num_features` units (channels when `spatial`)."""
     if kind == "none":
         return nn.Identity()
+    if kind == "noise":
+        return BatchNoise(noise, layer_index)
     if kind in ("batch", "noisy_batch"):
         bn = (nn.BatchNorm2d if spatial else nn.BatchNorm1d)(num_features)
         if kind == "batch":

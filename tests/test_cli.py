@@ -202,3 +202,15 @@ def test_healthy_run_is_marked_not_diverged(in_tmp, monkeypatch):
     cli = cli_main(["fit", *tiny_args("dln_bn.yaml"), "--run_dir=ok"])
     assert last(read_metrics(Path("ok")), "diverged") == 0.0
     assert cli.trainer.global_step == 3
+
+
+def test_rerunning_a_run_directory_resumes_it(in_tmp, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    cli_main(["fit", *tiny_args("dln_bn.yaml"), "--run_dir=again"])
+    monkeypatch.delenv("BNSTUDY_RUN_DIR")
+    first_id = Path("again/wandb_id").read_text()
+    cli = cli_main(["fit", *tiny_args("dln_bn.yaml"), "--trainer.max_steps=5", "--run_dir=again"])
+    assert cli.trainer.global_step == 5
+    assert cli.trainer.ckpt_path == str(Path("again/checkpoints/last.ckpt"))
+    steps = sorted({int(r["step"]) for r in read_metrics(Path("again")) if r["train/loss"]})
+    assert steps == [0, 1, 2, 3, 4] and Path("again/wandb_id").read_text() == first_id

@@ -346,3 +346,20 @@ def test_lightning_resume_mid_epoch_is_exact(tmp_path, one_thread):
         assert trainer.global_step == 30 and trainer.current_epoch == epochs
         for key, value in resumed.state_dict().items():
             assert torch.equal(value, final[key]), (name, key)
+
+
+def test_ddp_ranks_split_each_global_batch_between_them():
+    from bnstudy.data import FullBatchLoader, TensorLoader
+
+    x, y = torch.arange(50.0).view(50, 1), torch.arange(50)
+    single = list(TensorLoader((x, y), 8, shuffle=True, seed=3))
+    ranks = [list(TensorLoader((x, y), 4, shuffle=True, seed=3, num_replicas=2, rank=r))
+             for r in range(2)]
+    assert len(ranks[0]) == len(ranks[1]) == 50 // 8  # the incomplete last global batch is dropped
+    for i, (a, b) in enumerate(zip(*ranks)):
+        assert a[0].shape == b[0].shape == (4, 1)
+        together = torch.cat([a[1], b[1]]).sort().values
+        assert torch.equal(together, single[i][1].sort().values)  # same samples as one process
+        assert not set(a[1].tolist()) & set(b[1].tolist())
+    halves = [next(iter(FullBatchLoader((x, y), 1, num_replicas=2, rank=r)))[1] for r in range(2)]
+    assert torch.equal(torch.cat(halves).sort().values, y)

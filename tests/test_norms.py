@@ -122,8 +122,8 @@ def test_lp_norm_eval_uses_running_statistics():
     assert not torch.allclose(layer(x[:4]), train_out[:4] * 0)
 
 
-@pytest.mark.parametrize("kind", ["none", "batch", "noisy_batch", "l1", "l2", "linf", "layer",
-                                  "group"])
+@pytest.mark.parametrize("kind", ["none", "batch", "noisy_batch", "noise", "l1", "l2", "linf",
+                                  "layer", "group"])
 def test_every_kind_builds_for_conv_and_linear(kind):
     for spatial, x in ((True, torch.randn(4, 12, 3, 3)), (False, torch.randn(4, 12))):
         layer = make_norm(kind, 12, spatial=spatial, groups=8)
