@@ -103,8 +103,7 @@ def test_grid_subcommand_writes_one_agent_command_per_run(tmp_path):
     lines = out.read_text().splitlines()
     sweep = load(path)
     assert lines == [shlex.join(grid.agent_command(sweep, p)[2:]) for p in grid.expand(sweep)]
-    assert lines[0] == ("-m bnstudy fit --config configs/vgg.yaml --config "
-                        "sweeps/instruments/vgg.yaml --model.lr=0.1 --model.norm=none")
+    assert lines[0] == "-m bnstudy fit --config configs/vgg.yaml --model.lr=0.1 --model.norm=none"
     assert len(set(lines)) == 4
     # a sweep W&B would reject is refused with a message, not expanded
     bad = tmp_path / "bad.yaml"
@@ -171,7 +170,7 @@ def test_one_run_of_each_sweep_trains_a_tiny_version(path, tmp_path, monkeypatch
     with open(run_dir / "metrics.csv") as f:
         rows = list(csv.DictReader(f))
     assert [int(r["step"]) for r in rows if r.get("train/loss")] == [0, 1]  # both steps trained
-    # the instruments of sweeps/instruments/*.yaml measured (steps 0 and 1 are on their schedule)
+    # the paper configs' instruments measured (steps 0 and 1 are on their schedule)
     for prefix in ("ics/l2/", "ics/cos/", "landscape/beta_eff", "act/"):
         assert any(r.get(k) for r in rows for k in r if k.startswith(prefix)), prefix
     assert (run_dir / "checkpoints" / "last.ckpt").is_file()

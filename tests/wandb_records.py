@@ -45,9 +45,18 @@ def config(run_dir: Path) -> dict:
 
 
 def history(run_dir: Path) -> list[dict]:
+    """One dict per logged step; media such as histograms come back as nested dicts
+    ({"_type": "histogram", "values": [...], "bins": [...]})."""
     rows = []
     for r in read_records(run_file(run_dir)):
-        if r.WhichOneof("record_type") == "history":
-            rows.append({i.key or "/".join(i.nested_key): json.loads(i.value_json)
-                         for i in r.history.item})
+        if r.WhichOneof("record_type") != "history":
+            continue
+        row: dict = {}
+        for item in r.history.item:
+            path = [item.key] if item.key else list(item.nested_key)
+            node = row
+            for part in path[:-1]:
+                node = node.setdefault(part, {})
+            node[path[-1]] = json.loads(item.value_json)
+        rows.append(row)
     return rows
