@@ -104,7 +104,11 @@ def main() -> None:
     for k in ("plain", "lightning"):
         print(f"{k:<12}{med[k]:>20.1f}{'  '.join(f'{v:.1f}' for v in results[k]):>36}")
     ratio = med["lightning"] / med["plain"]
-    print(f"ratio lightning/plain = {ratio:.3f}  (target >= 0.95: {'OK' if ratio >= 0.95 else 'MISS'})")
+    # each pair ran back to back: the median of the pairwise ratios is robust to load that
+    # changes slowly over the benchmark
+    paired = statistics.median(a / b for a, b in zip(results["lightning"], results["plain"]))
+    print(f"ratio of medians lightning/plain = {ratio:.3f}; median pairwise ratio = {paired:.3f}"
+          f"  (target >= 0.95: {'OK' if paired >= 0.95 else 'MISS'})")
 
 
 if __name__ == "__main__":
