@@ -17,9 +17,12 @@ Every probe leaves parameters, .grad, buffers, noise and RNGs as found: a run wi
 follows the same trajectory as one without it, bit for bit.
 
 Values go straight to the trainer's loggers (CSV, W&B) at step t, whatever `log_every_n_steps`
-is, with keys ics/l2/<layer>, ics/cos/<layer>, landscape/..., landscape_random/...,
-act/<layer>/..., and time/<probe> (seconds the probe took in that step). Histograms go only to a
-WandbLogger, when one is attached.
+is, with keys ics/l2/layerNN, ics/cos/layerNN, landscape/..., landscape_random/...,
+act/layerNN/..., and time/<probe> (seconds the probe took in that step). Histograms go only to a
+WandbLogger, when one is attached. layerNN is the paper's 1-based layer number (the NN-th
+Conv/Linear module in forward order, `probes.layer_names`), zero-padded to two digits so keys sort:
+module paths can differ between norm variants of one architecture (DLN layer 9 is layers.16 with
+BN, layers.8 without), layer numbers do not, so BN and no-BN curves of one layer share a key.
 
 The LightningModule must expose `net` (the nn.Module), `loss_fn(outputs, targets)` (the training
 loss: training_step's loss must equal loss_fn(net(x), y)), and batches must be (inputs, targets).
@@ -39,6 +42,18 @@ from torch import Tensor, nn
 from bnstudy import probes
 
 Layers = Sequence[str | int] | None  # module paths, or 1-based layer numbers as in the paper
+
+
+def layer_key(number: int, count: int) -> str:
+    """'layer05' for layer 5: two digits (more if the model has 100 layers or more) so that
+    keys sort in layer order."""
+    return f"layer{number:0{max(2, len(str(count)))}d}"
+
+
+def layer_keys(net: nn.Module, inputs: Tensor) -> dict[str, str]:
+    """{module path: 'layerNN'} for every Conv/Linear layer of `net` (one measuring forward)."""
+    names = probes.layer_names(net, inputs)
+    return {name: layer_key(i + 1, len(names)) for i, name in enumerate(names)}
 
 
 @dataclass
@@ -99,8 +114,9 @@ class Probe:
 
 class ICS(Probe):
     """Internal covariate shift (Definition 2.1) of `layers` (all Conv/Linear layers if None):
-    logs ics/l2/<layer> = ||G - G'|| and ics/cos/<layer> = cos(G, G'). G is the step's own
-    gradient (`reuse_step_grad`) or recomputed; W^{t+1} is what the optimizer produced."""
+    logs ics/l2/layerNN = ||G - G'|| and ics/cos/layerNN = cos(G, G') (NN: the layer number).
+    G is the step's own gradient (`reuse_step_grad`) or recomputed; W^{t+1} is what the optimizer
+    produced."""
 
     name = "ics"
 
@@ -111,6 +127,7 @@ class ICS(Probe):
         self.reuse_step_grad = reuse_step_grad
         self._before: dict[str, Tensor] | None = None
         self._grads: dict[str, Tensor] | None = None
+        self._keys: dict[str, str] | None = None  # module path -> layerNN, found once
 
     def before_optimizer_step(self, step: Step) -> None:
         params = dict(step.net.named_parameters())
@@ -134,9 +151,14 @@ class ICS(Probe):
                 for n, p in params.items():
                     p.copy_(after[n])
             self._before = self._grads = None
-        metrics = {f"ics/l2/{n}": v["l2"] for n, v in result.items()}
-        metrics.update({f"ics/cos/{n}": v["cos"] for n, v in result.items()})
+        if self._keys is None:
+            self._keys = layer_keys(step.net, step.inputs)
+        metrics = {f"ics/l2/{self._keys[n]}": v["l2"] for n, v in result.items()}
+        metrics.update({f"ics/cos/{self._keys[n]}": v["cos"] for n, v in result.items()})
         return metrics
+
+    def teardown(self) -> None:
+        self._keys = None  # the next fit may train another model
 
 
 class Landscape(Probe):
@@ -203,10 +225,11 @@ class ActivationStats(Probe):
     norm and noise; `after_norm=False`: the Conv/Linear output). A unit's distribution is over the
     batch, and height x width for conv layers.
 
-    Logs act/<layer>/mean and var (averaged over the units), dmean and dvar (mean over units of
-    |mean_t - mean_{t-1}| and |var_t - var_{t-1}|: the step-to-step change of figure 8; step t - 1
-    is recorded too), and q05..q95 of the first unit; histograms of the first `histogram_units`
-    units go to W&B as act/<layer>/u<unit>. Under DDP all of them are over the global batch.
+    Logs act/layerNN/mean and var (averaged over the units; NN: the layer number), dmean and dvar
+    (mean over units of |mean_t - mean_{t-1}| and |var_t - var_{t-1}|: the step-to-step change of
+    figure 8; step t - 1 is recorded too), and q05..q95 of the first unit; histograms of the first
+    `histogram_units` units go to W&B as act/layerNN/u<unit>. Under DDP all of them are over the
+    global batch.
     """
 
     name = "act"
@@ -220,7 +243,8 @@ class ActivationStats(Probe):
         self.units, self.histogram_units = units, histogram_units
         self.after_norm, self.seed = after_norm, seed
         self._hooks: list | None = None
-        self._units: dict[str, Tensor] = {}
+        self._keys: dict[str, str] = {}  # module path -> layerNN
+        self._units: dict[str, Tensor] = {}  # by module path
         self._step: Step | None = None
         self._values: dict[str, Tensor] = {}
         self._previous: tuple[int, dict[str, tuple[Tensor, Tensor]]] | None = None
@@ -229,9 +253,12 @@ class ActivationStats(Probe):
         return self.due(t) or self.due(t + 1)
 
     def _install(self, step: Step) -> None:
+        self._keys = layer_keys(step.net, step.inputs)
         where = probes.activation_modules(step.net, step.inputs, self.after_norm)
-        self._hooks = [where[name].register_forward_hook(self._hook(name))
-                       for name in probes.select_layers(list(where), self.layers)]
+        # numbers and paths resolve against all Conv/Linear layers, as in ICS; activation_modules
+        # finds leaf layers only (a layer with parametrizations has none to hook)
+        chosen = [n for n in probes.select_layers(list(self._keys), self.layers) if n in where]
+        self._hooks = [where[name].register_forward_hook(self._hook(name)) for name in chosen]
 
     def _hook(self, name: str):
         def record(module, args, out):
@@ -269,13 +296,14 @@ class ActivationStats(Probe):
             return None
         metrics: dict[str, float] = {}
         for n in names:
+            key = f"act/{self._keys[n]}"
             mean, var = current[n]
-            metrics[f"act/{n}/mean"] = float(mean.mean())
-            metrics[f"act/{n}/var"] = float(var.mean())
+            metrics[f"{key}/mean"] = float(mean.mean())
+            metrics[f"{key}/var"] = float(var.mean())
             if previous is not None and previous[0] == step.index - 1 and n in previous[1]:
                 mean0, var0 = previous[1][n]
-                metrics[f"act/{n}/dmean"] = float((mean - mean0).abs().mean())
-                metrics[f"act/{n}/dvar"] = float((var - var0).abs().mean())
+                metrics[f"{key}/dmean"] = float((mean - mean0).abs().mean())
+                metrics[f"{key}/dvar"] = float((var - var0).abs().mean())
             values = self._values[n][:max(1, self.histogram_units)]
             if step.sync:  # quantiles and histograms over the global batch too
                 values = _gather_columns(values)
@@ -284,9 +312,9 @@ class ActivationStats(Probe):
                 first = first[torch.linspace(0, first.numel() - 1, 1_000_000).long()]
             qs = torch.quantile(first, torch.tensor(self.QUANTILES, device=first.device))
             for q, v in zip(self.QUANTILES, qs.tolist()):
-                metrics[f"act/{n}/q{round(q * 100):02d}"] = v
+                metrics[f"{key}/q{round(q * 100):02d}"] = v
             for k in range(min(self.histogram_units, values.shape[0])):
-                step.histograms[f"act/{n}/u{int(self._units[n][k])}"] = values[k]
+                step.histograms[f"{key}/u{int(self._units[n][k])}"] = values[k]
         self._values = {}
         return metrics
 
@@ -437,4 +465,5 @@ class Instruments(Callback):
                     logger.log_metrics(hists, step=step.index)
 
 
-__all__ = ["Instruments", "Probe", "ICS", "Landscape", "RandomLandscape", "ActivationStats", "Step"]
+__all__ = ["Instruments", "Probe", "ICS", "Landscape", "RandomLandscape", "ActivationStats", "Step",
+           "layer_key", "layer_keys"]

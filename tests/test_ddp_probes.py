@@ -147,5 +147,9 @@ def test_probes_agree_across_ranks_and_with_one_process(tmp_path):
     # a Lightning DDP fit (per-rank batch 16) against one process with the global batch 32
     history = ranks[0]["fit"]
     assert [s for s, _ in history] == [0, 1, 2]
-    assert any(k.startswith("act/") for k in history[0][1])
+    # keys name the paper's layer numbers (6 layers), not module paths
+    assert {k for k in history[0][1] if k.startswith(("ics/", "act/"))} == (
+        {f"ics/{m}/layer0{i}" for m in ("l2", "cos") for i in range(1, 7)}
+        | {f"act/layer0{i}/{s}" for i in range(1, 7)
+           for s in ("mean", "var", "q05", "q25", "q50", "q75", "q95")})  # no dmean at step 0
     assert_close(history, drop_times(fit(32)), rel=1e-4)

@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from bnstudy import probes
 from bnstudy.instruments import ICS, ActivationStats, Instruments, Landscape, Probe, RandomLandscape
+from bnstudy.models import DeepLinear
 from bnstudy.modules import DLNModule, VGGModule
 
 pytestmark = [pytest.mark.filterwarnings("ignore:.*does not have many workers"),
@@ -72,8 +73,8 @@ def test_training_is_unchanged_by_the_instruments(precision):
     # and the instruments did measure, at every step, finite values
     assert [s for s, _ in inst.history] == [0, 1, 2, 3]
     assert all(math.isfinite(v) for _, m in inst.history for v in m.values())
-    assert {"ics/cos/features.3", "landscape/beta_eff", "landscape_random/beta_eff",
-            "act/features.3/dmean"} <= set(inst.history[2][1])
+    assert {"ics/cos/layer02", "landscape/beta_eff", "landscape_random/beta_eff",
+            "act/layer02/dmean"} <= set(inst.history[2][1])
 
 
 class Recorder(Callback):
@@ -109,9 +110,13 @@ def test_callback_equals_twins_on_the_step_batch_and_the_optimizers_update(optim
         x, y = r["batch"]
         ics = probes.ics_bruteforce(r["net"], module.loss_fn, x, y, r["after"])
         assert len(ics) == 14
+        names = probes.layer_names(r["net"], x)  # layer i (logged as layer0i) is names[i - 1]
+        assert names[4] == "features.14"  # layer 5 of VGG-16
         for layer, v in ics.items():
-            assert metrics[f"ics/l2/{layer}"] == pytest.approx(v["l2"], rel=1e-5, abs=1e-12)
-            assert metrics[f"ics/cos/{layer}"] == pytest.approx(v["cos"], rel=1e-5, abs=1e-5)
+            key = f"layer{names.index(layer) + 1:02d}"
+            assert metrics[f"ics/l2/{key}"] == pytest.approx(v["l2"], rel=1e-5, abs=1e-12)
+            assert metrics[f"ics/cos/{key}"] == pytest.approx(v["cos"], rel=1e-5, abs=1e-5)
+        assert sum(k.startswith("ics/l2/") for k in metrics) == 14
         land = probes.landscape_bruteforce(r["net"], module.loss_fn, x, y,
                                            [0.5 * r["lr"], 2 * r["lr"]])
         for key in ("loss_min", "loss_max", "grad_diff_min", "grad_diff_max", "beta_eff"):
@@ -132,13 +137,14 @@ def test_values_reach_the_csv_at_the_probe_steps_whatever_the_log_cadence(tmp_pa
     module = vgg_module(norm="batch")
     trainer(9, [inst], logger=logger, log_every_n_steps=50).fit(module, images(72))
     rows = read_csv(os.path.join(logger.log_dir, "metrics.csv"))
-    ics_steps = [int(r["step"]) for r in rows if r.get("ics/l2/features.3")]
+    ics_steps = [int(r["step"]) for r in rows if r.get("ics/l2/layer02")]
     land_steps = [int(r["step"]) for r in rows if r.get("landscape/beta_eff")]
     assert ics_steps == [0, 1, 2, 4, 8]  # log-spaced
     assert land_steps == [0, 3, 6]
-    row = next(r for r in rows if r.get("ics/l2/features.3") and int(r["step"]) == 4)
-    assert float(row["ics/cos/classifier"]) <= 1 and float(row["time/ics"]) > 0
-    assert "ics/l2/features.0" not in row  # layer subset honoured
+    row = next(r for r in rows if r.get("ics/l2/layer02") and int(r["step"]) == 4)
+    assert float(row["ics/cos/layer14"]) <= 1 and float(row["time/ics"]) > 0  # "classifier"
+    assert sorted(k for k in row if k.startswith("ics/")) == [  # layer subset honoured
+        "ics/cos/layer02", "ics/cos/layer14", "ics/l2/layer02", "ics/l2/layer14"]
     assert all(k in rows[0] for k in ("landscape/loss_min", "landscape/loss_max",
                                       "landscape/grad_diff_min", "landscape/grad_diff_max",
                                       "landscape/loss/x4", "time/landscape"))
@@ -161,7 +167,7 @@ def test_activation_stats_match_the_step_forward():
     trainer(4, [acts, inst]).fit(module, images())
     assert [s for s, _ in inst.history] == [0, 3]
     metrics = dict(inst.history)[3]
-    for layer in ("features.3", "classifier"):
+    for layer, key in (("features.3", "layer02"), ("classifier", "layer14")):
         units = act._units[layer]
         assert len(units) == 3
 
@@ -170,15 +176,15 @@ def test_activation_stats_match_the_step_forward():
             return a.mean(1), a.var(1, unbiased=False)
 
         (m3, v3), (m2, v2) = moments(3), moments(2)
-        assert metrics[f"act/{layer}/mean"] == pytest.approx(float(m3.mean()), rel=1e-5)
-        assert metrics[f"act/{layer}/var"] == pytest.approx(float(v3.mean()), rel=1e-5)
-        assert metrics[f"act/{layer}/dmean"] == pytest.approx(float((m3 - m2).abs().mean()),
-                                                              rel=1e-4)
-        assert metrics[f"act/{layer}/dvar"] == pytest.approx(float((v3 - v2).abs().mean()),
-                                                             rel=1e-4)
-        assert metrics[f"act/{layer}/q05"] < metrics[f"act/{layer}/q50"] < metrics[
-            f"act/{layer}/q95"]
-    assert "act/features.3/dmean" not in dict(inst.history)[0]  # no step -1
+        assert metrics[f"act/{key}/mean"] == pytest.approx(float(m3.mean()), rel=1e-5)
+        assert metrics[f"act/{key}/var"] == pytest.approx(float(v3.mean()), rel=1e-5)
+        assert metrics[f"act/{key}/dmean"] == pytest.approx(float((m3 - m2).abs().mean()),
+                                                            rel=1e-4)
+        assert metrics[f"act/{key}/dvar"] == pytest.approx(float((v3 - v2).abs().mean()),
+                                                           rel=1e-4)
+        assert metrics[f"act/{key}/q05"] < metrics[f"act/{key}/q50"] < metrics[
+            f"act/{key}/q95"]
+    assert "act/layer02/dmean" not in dict(inst.history)[0]  # no step -1
 
 
 def test_histograms_go_to_wandb(tmp_path, monkeypatch):
@@ -197,9 +203,9 @@ def test_histograms_go_to_wandb(tmp_path, monkeypatch):
     trainer(2, [inst], logger=[logger, CSVLogger(tmp_path)]).fit(module, images())
     logger.experiment.finish()
     unit = int(inst.probes[0]._units["features.0"][0])
-    rows = [r for r in wandb_records.history(tmp_path) if f"act/features.0/u{unit}" in r]
+    rows = [r for r in wandb_records.history(tmp_path) if f"act/layer01/u{unit}" in r]
     assert len(rows) == 2  # one histogram per measured step
-    hist = rows[-1][f"act/features.0/u{unit}"]
+    hist = rows[-1][f"act/layer01/u{unit}"]
     assert hist["_type"] == "histogram" and sum(hist["values"]) == 8 * 8 * 8  # batch x H x W
     assert all(r["landscape/beta_eff"] > 0 for r in wandb_records.history(tmp_path)
                if "landscape/beta_eff" in r)
@@ -217,9 +223,54 @@ def test_dln_module_with_log_spaced_step_sizes():
     assert len(land.lr_multiples) == 8
     assert land.lr_multiples[0] == pytest.approx(0.01) and land.lr_multiples[-1] == 30
     metrics = inst.history[-1][1]
-    assert {"ics/l2/layers.16", "ics/cos/layers.32"} <= set(metrics)  # layers 9, 17 (with BN)
+    # layers 9, 17 (layers.16, layers.32 with BN)
+    assert sorted(k for k in metrics if k.startswith("ics/")) == [
+        "ics/cos/layer09", "ics/cos/layer17", "ics/l2/layer09", "ics/l2/layer17"]
     assert metrics["landscape/loss_max"] >= metrics["landscape/loss_min"]
     assert all(math.isfinite(v) for v in metrics.values())
+
+
+def fit_keys(module, data: DataLoader) -> tuple[set[str], dict[str, float]]:
+    """The ICS and activation keys a 2-step fit logs (all layers), and step 1's metrics."""
+    inst = Instruments([ICS(every=1), ActivationStats(every=1, units=2)])
+    trainer(2, [inst]).fit(module, data)
+    assert [s for s, _ in inst.history] == [0, 1]
+    keys = {k for _, m in inst.history for k in m if k.startswith(("ics/", "act/"))}
+    return keys, inst.history[1][1]
+
+
+def dln_module(norm: str) -> DLNModule:
+    L.seed_everything(0, verbose=False)
+    return DLNModule(depth=6, norm=norm, lr=1e-3)
+
+
+def dln_data() -> DataLoader:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(32, 10, generator=g)
+    return DataLoader(TensorDataset(x, x @ torch.randn(10, 10, generator=g)), batch_size=16)
+
+
+@pytest.mark.parametrize("model", ["vgg", "dln"])
+def test_norm_variants_log_the_same_keys_per_layer_number(model):
+    """BN and no-BN runs of one architecture log the same ics/act keys, so their curves of layer i
+    overlay in W&B and `bnstudy plot`, although the DLN's module paths differ (layer 2 is layers.2
+    with BN, layers.1 without; VGG keeps its paths, the norm slot being an Identity)."""
+    make, data, count = ((vgg_module, images, 14) if model == "vgg" else
+                         (dln_module, dln_data, 6))
+    runs = {norm: fit_keys(make(norm), data()) for norm in ("batch", "none")}
+    assert runs["batch"][0] == runs["none"][0]
+    numbers = [f"layer{i:02d}" for i in range(1, count + 1)]
+    stats = ("mean", "var", "dmean", "dvar", "q05", "q25", "q50", "q75", "q95")
+    assert runs["none"][0] == ({f"ics/{m}/{n}" for m in ("l2", "cos") for n in numbers}
+                               | {f"act/{n}/{s}" for n in numbers for s in stats})
+    for norm, (_, metrics) in runs.items():  # layer01 is the first layer: G' = G
+        assert metrics["ics/l2/layer01"] == 0, norm
+        assert metrics["ics/cos/layer01"] == pytest.approx(1, abs=1e-12), norm
+        assert metrics["ics/l2/layer02"] > 0, norm
+    if model == "dln":  # the module paths do differ
+        paths = [probes.layer_names(DeepLinear(6, 10, norm), torch.randn(2, 10))[1]
+                 for norm in ("batch", "none")]
+        assert paths == ["layers.2", "layers.1"]
 
 
 def test_schedules():
