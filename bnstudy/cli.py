@@ -64,12 +64,19 @@ def default_run_dir(config_paths: list) -> Path:
         # started by `wandb agent`: one directory per sweep run, so a requeued agent worker that
         # is handed another run never resumes this one's checkpoint
         return Path("runs") / f"sweep-{os.environ['WANDB_SWEEP_ID']}" / os.environ["WANDB_RUN_ID"]
+    stamp = time.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(2)
     if "SLURM_ARRAY_JOB_ID" in os.environ:
         run_id = f"slurm-{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}"
     elif "SLURM_JOB_ID" in os.environ:
         run_id = f"slurm-{os.environ['SLURM_JOB_ID']}"
     else:
-        run_id = time.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(2)
+        return Path("runs") / stem / stamp
+    step = os.environ.get("SLURM_STEP_ID", "")
+    if step.isdigit() and step != "0":  # a later srun step of the same job: another run
+        run_id += f"-step{step}"
+    elif (not step and (Path("runs") / stem / run_id).exists()
+          and os.environ.get("SLURM_RESTART_COUNT", "0") == "0"):
+        run_id += f"-{stamp}"  # another fit in the same batch script, not a requeue
     return Path("runs") / stem / run_id
 
 
@@ -86,12 +93,16 @@ def wandb_run_id(run_dir: Path) -> str:
 
 
 def resume_path(run_dir: Path) -> str | None:
-    """Re-running in a run directory resumes it: from last.ckpt, unless a SLURM hpc checkpoint is
-    there (Lightning restores that one itself, and only when no ckpt_path is given)."""
-    if list(run_dir.glob("hpc_ckpt_*.ckpt")):
+    """Re-running `fit` in a run directory resumes it from its newest checkpoint: last.ckpt or a
+    SLURM hpc_ckpt_*.ckpt. Under SLURM, Lightning restores an hpc checkpoint itself (only when no
+    ckpt_path is given), so then None."""
+    from lightning.fabric.plugins.environments import SLURMEnvironment
+
+    hpc = list(run_dir.glob("hpc_ckpt_*.ckpt"))
+    if hpc and SLURMEnvironment.detect():
         return None
-    last = run_dir / "checkpoints" / "last.ckpt"
-    return str(last) if last.exists() else None
+    candidates = hpc + [p for p in [run_dir / "checkpoints" / "last.ckpt"] if p.exists()]
+    return str(max(candidates, key=lambda p: p.stat().st_mtime)) if candidates else None
 
 
 def ensure_wandb_mode() -> None:
@@ -140,13 +151,15 @@ class StudyCLI(LightningCLI):
                 continue
             args = logger.init_args
             args.save_dir = str(run_dir)
+            if logger.class_path.endswith("WandbLogger"):  # W&B's service has its own cwd
+                args.save_dir = str(run_dir.resolve())
             if logger.class_path.endswith("CSVLogger"):
                 args.name, args.version = "", ""  # metrics.csv directly in the run directory
             if logger.class_path.endswith("WandbLogger"):
                 ensure_wandb_mode()
                 args.id = args.id or os.environ.get("WANDB_RUN_ID") or wandb_run_id(run_dir)
                 args.name = args.name or "/".join(run_dir.parts[-2:])
-                args.dir = str(run_dir)
+                args.dir = str(run_dir.resolve())
                 args.resume = args.get("resume") or "allow"
 
     def instantiate_trainer(self, **kwargs):
@@ -165,6 +178,7 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> StudyCLI:
     for noise in (r".*flops_per_batch.*", r".*isinstance\(treespec, LeafSpec\).*",
                   r".*does not have many workers.*", r".*srun. command is available.*"):
         warnings.filterwarnings("ignore", message=noise)
+    previous_run_dir = os.environ.get(RUN_DIR_ENV)
     try:
         return StudyCLI(
             model_class=None,
@@ -179,6 +193,12 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> StudyCLI:
             run=run,
         )
     finally:
+        # the run directory is shared with this run's DDP children only, not with a later run
+        # started in the same process
+        if previous_run_dir is None:
+            os.environ.pop(RUN_DIR_ENV, None)
+        else:
+            os.environ[RUN_DIR_ENV] = previous_run_dir
         if run and "wandb" in sys.modules and sys.modules["wandb"].run is not None:
             sys.modules["wandb"].finish()  # the next run in this process gets its own W&B run
 

@@ -204,5 +204,10 @@ class DLNModule(StudyModule):
 
     def loss_fn(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         # squared l2 norm of the residual per sample, summed (or averaged) over samples
-        return F.mse_loss(outputs, targets, reduction="sum") / (
-            outputs.shape[0] if self.hparams.reduction == "mean" else 1)
+        loss = F.mse_loss(outputs, targets, reduction="sum")
+        if self.hparams.reduction == "mean":
+            return loss / outputs.shape[0]
+        # DDP averages gradients over ranks: scale each rank's partial sum so the average is the
+        # full-batch sum's gradient, as in one process
+        world = self._trainer.world_size if self._trainer is not None else 1
+        return loss * world

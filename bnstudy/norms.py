@@ -18,6 +18,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 NORM_KINDS = ("none", "batch", "noisy_batch", "noise", "l1", "l2", "linf", "layer", "group")
@@ -32,7 +33,7 @@ class NoiseConfig:
     r_mu: float = 0.1  # per-sample shift m_ij ~ U(mu_j - r_mu, mu_j + r_mu)
     r_sigma: float = 0.1  # per-sample scale s_ij ~ N(sigma_j, r_sigma)
     in_eval: bool = False  # apply noise in eval mode too (paper: silent; default no)
-    seed: int = 0  # base seed of the noise generators (layer k uses seed + k)
+    seed: int | None = None  # noise seed; None: the run's seed (seed_everything)
 
 
 # checkpoints hold NoiseConfig in their hyperparameters; let torch.load(weights_only=True) read it
@@ -53,42 +54,57 @@ class BatchNoise(nn.Module):
         super().__init__()
         self.cfg = cfg or NoiseConfig()
         self.layer_index = layer_index
+        # seed None follows the run's seed, so runs with different seeds get different noise
+        self.seed = self.cfg.seed if self.cfg.seed is not None else torch.initial_seed()
         self.generator: torch.Generator | None = None
         self.scale: torch.Tensor | None = None  # s, shape of the activation
         self.shift: torch.Tensor | None = None  # m, shape of the activation
         self.stale = True  # the next training forward draws new noise
         self._loaded_state: torch.Tensor | None = None
+        self._eval_generator: torch.Generator | None = None
 
     def resample(self) -> None:
         self.stale = True
 
+    def _seeded(self, device: torch.device, stream: int) -> torch.Generator:
+        # one stream per layer, DDP rank and use (0 training, 1 eval): a rank's samples get
+        # their own noise, and evaluation never moves the training noise sequence
+        rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+        seed = self.seed + 1_000_003 * self.layer_index + 998_244_353 * rank + 7_919 * stream
+        return torch.Generator(device=device).manual_seed(seed % 2**63)
+
     def _generator(self, device: torch.device) -> torch.Generator:
         if self.generator is None or self.generator.device != device:
-            self.generator = torch.Generator(device=device)
-            self.generator.manual_seed(self.cfg.seed + 1000003 * self.layer_index)
+            self.generator = self._seeded(device, stream=0)
             if self._loaded_state is not None:  # from a checkpoint: continue its sequence
                 self.generator.set_state(self._loaded_state)
                 self._loaded_state = None
         return self.generator
 
-    def draw(self, like: torch.Tensor) -> None:
-        c, g = self.cfg, self._generator(like.device)
-        units = like.shape[1]
-        unit_shape = (1, units) + (1,) * (like.dim() - 2)
+    def sample(self, like: torch.Tensor, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scale s, shift m) shaped like the activation, per algorithm 1."""
+        c = self.cfg
+        unit_shape = (1, like.shape[1]) + (1,) * (like.dim() - 2)
         opts = dict(device=like.device, dtype=torch.float32, generator=g)
         mu = (torch.rand(unit_shape, **opts) * 2 - 1) * c.n_mu
         sigma = 1 + torch.rand(unit_shape, **opts) * (c.n_sigma - 1)
-        self.shift = (mu + (torch.rand(like.shape, **opts) * 2 - 1) * c.r_mu).to(like.dtype)
-        self.scale = (sigma + torch.randn(like.shape, **opts) * c.r_sigma).to(like.dtype)
+        shift = mu + (torch.rand(like.shape, **opts) * 2 - 1) * c.r_mu
+        scale = sigma + torch.randn(like.shape, **opts) * c.r_sigma
+        return scale.to(like.dtype), shift.to(like.dtype)
+
+    def draw(self, like: torch.Tensor) -> None:
+        self.scale, self.shift = self.sample(like, self._generator(like.device))
         self.stale = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training and not self.cfg.in_eval:
-            return x
-        if self.training and (self.stale or self.scale is None or self.scale.shape != x.shape):
-            self.draw(x)
-        if self.scale is None or self.scale.shape != x.shape:
-            # eval with in_eval=True on a batch of another shape than the last training batch
+        if not self.training:
+            if not self.cfg.in_eval:
+                return x
+            if self._eval_generator is None or self._eval_generator.device != x.device:
+                self._eval_generator = self._seeded(x.device, stream=1)
+            scale, shift = self.sample(x, self._eval_generator)  # fresh, not held
+            return x * scale + shift
+        if self.stale or self.scale is None or self.scale.shape != x.shape:
             self.draw(x)
         return x * self.scale + self.shift
 
@@ -101,7 +117,7 @@ class BatchNoise(nn.Module):
         self.scale, self.shift, self.stale = state["scale"], state["shift"], state["stale"]
 
     def extra_repr(self) -> str:
-        return ", ".join(f"{k}={v}" for k, v in vars(self.cfg).items())
+        return ", ".join(f"{k}={v}" for k, v in vars(self.cfg).items()) + f", seed={self.seed}"
 
 
 class LpNorm(nn.Module):

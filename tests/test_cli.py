@@ -132,7 +132,6 @@ def test_run_directories_never_collide(in_tmp, monkeypatch):
     for _ in range(2):
         cli = cli_main(["fit", *tiny_args("dln.yaml")])
         dirs.append(Path(cli.trainer.default_root_dir))
-        monkeypatch.delenv("BNSTUDY_RUN_DIR")
     assert dirs[0] != dirs[1] and dirs[0].parent == dirs[1].parent == Path("runs/dln")
     assert all((d / "config.yaml").exists() and (d / "metrics.csv").exists() for d in dirs)
 
@@ -161,10 +160,8 @@ def test_resume_from_last_checkpoint_matches_uninterrupted_run(in_tmp, monkeypat
             "--trainer.enable_progress_bar=false", "--data.batch_size=16"]
     whole = in_tmp / "whole"
     cli_main(["fit", *base, "--trainer.max_steps=30", f"--run_dir={whole}"])
-    monkeypatch.delenv("BNSTUDY_RUN_DIR")
     parts = in_tmp / "parts"
     cli_main(["fit", *base, "--trainer.max_steps=15", f"--run_dir={parts}"])
-    monkeypatch.delenv("BNSTUDY_RUN_DIR")
     cli = cli_main(["fit", *base, "--trainer.max_steps=30", f"--run_dir={parts}",
                     f"--ckpt_path={parts / 'checkpoints' / 'last.ckpt'}"])
     assert cli.trainer.global_step == 30
@@ -208,10 +205,35 @@ def test_healthy_run_is_marked_not_diverged(in_tmp, monkeypatch):
 def test_rerunning_a_run_directory_resumes_it(in_tmp, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "disabled")
     cli_main(["fit", *tiny_args("dln_bn.yaml"), "--run_dir=again"])
-    monkeypatch.delenv("BNSTUDY_RUN_DIR")
     first_id = Path("again/wandb_id").read_text()
     cli = cli_main(["fit", *tiny_args("dln_bn.yaml"), "--trainer.max_steps=5", "--run_dir=again"])
     assert cli.trainer.global_step == 5
     assert cli.trainer.ckpt_path == str(Path("again/checkpoints/last.ckpt"))
     steps = sorted({int(r["step"]) for r in read_metrics(Path("again")) if r["train/loss"]})
     assert steps == [0, 1, 2, 3, 4] and Path("again/wandb_id").read_text() == first_id
+
+
+def test_slurm_run_directories(in_tmp, monkeypatch):
+    from bnstudy.cli import default_run_dir
+
+    for key in ("SLURM_ARRAY_JOB_ID", "SLURM_STEP_ID", "SLURM_RESTART_COUNT", "WANDB_SWEEP_ID"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("SLURM_JOB_ID", "123")
+    first = default_run_dir(["configs/vgg_bn.yaml"])
+    assert first == Path("runs/vgg_bn/slurm-123")
+    first.mkdir(parents=True)
+    # a second fit in the same batch script gets its own directory ...
+    assert default_run_dir(["configs/vgg_bn.yaml"]).name.startswith("slurm-123-")
+    # ... a requeued job finds its directory again ...
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    assert default_run_dir(["configs/vgg_bn.yaml"]) == first
+    # ... and a later srun step of the job is another run
+    monkeypatch.setenv("SLURM_STEP_ID", "2")
+    assert default_run_dir(["configs/vgg_bn.yaml"]) == Path("runs/vgg_bn/slurm-123-step2")
+    monkeypatch.setenv("SLURM_ARRAY_JOB_ID", "120")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "4")
+    monkeypatch.setenv("SLURM_STEP_ID", "0")
+    assert default_run_dir(["configs/dln.yaml"]) == Path("runs/dln/slurm-120_4")
+    monkeypatch.setenv("WANDB_SWEEP_ID", "sw1")
+    monkeypatch.setenv("WANDB_RUN_ID", "abc")
+    assert default_run_dir(["configs/dln.yaml"]) == Path("runs/sweep-sw1/abc")

@@ -135,3 +135,33 @@ def test_every_kind_builds_for_conv_and_linear(kind):
 def test_unknown_norm_names_the_choices():
     with pytest.raises(ValueError, match="norm must be one of none, batch"):
         make_norm("bn", 4, spatial=False)
+
+
+def test_noise_follows_the_run_seed_unless_fixed():
+    x = torch.randn(16, 4)
+
+    def first_draw(run_seed, cfg=NoiseConfig()):
+        torch.manual_seed(run_seed)
+        layer = make_norm("noisy_batch", 4, spatial=False, noise=cfg)
+        layer.train()
+        return layer(x)
+
+    assert torch.equal(first_draw(1), first_draw(1))
+    assert not torch.equal(first_draw(1), first_draw(2))  # seeds of a sweep get their own noise
+    fixed = NoiseConfig(seed=5)
+    assert torch.equal(first_draw(1, fixed), first_draw(2, fixed))
+
+
+def test_eval_noise_never_moves_the_training_noise():
+    x = torch.randn(16, 4)
+    with_eval, without = (make_norm("noisy_batch", 4, spatial=False,
+                                    noise=NoiseConfig(seed=3, in_eval=True)) for _ in range(2))
+    for layer in (with_eval, without):
+        layer.train()
+        layer(x)
+        resample_noise(layer)
+    with_eval.eval()
+    a, b = with_eval(x), with_eval(x)
+    assert not torch.equal(a, b)  # fresh noise at every evaluation, not the held training draw
+    with_eval.train()
+    assert torch.equal(with_eval(x), without(x))  # the training sequence is where it was

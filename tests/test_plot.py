@@ -13,7 +13,6 @@ def test_plot_compares_runs_labelled_by_what_differs(in_tmp, monkeypatch, capsys
     runs = []
     for norm in ("batch", "none"):
         cli_main(["fit", *tiny_args("dln.yaml"), f"--model.norm={norm}", f"--run_dir=r-{norm}"])
-        monkeypatch.delenv("BNSTUDY_RUN_DIR")
         runs.append(in_tmp / f"r-{norm}")
     assert run_labels(runs) == ["norm=batch", "norm=none"]
     series = read_metrics(runs[0])
