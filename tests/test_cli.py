@@ -237,3 +237,23 @@ def test_slurm_run_directories(in_tmp, monkeypatch):
     monkeypatch.setenv("WANDB_SWEEP_ID", "sw1")
     monkeypatch.setenv("WANDB_RUN_ID", "abc")
     assert default_run_dir(["configs/dln.yaml"]) == Path("runs/sweep-sw1/abc")
+
+
+def test_resume_picks_the_newest_checkpoint_outside_slurm(in_tmp, monkeypatch):
+    import os as _os
+
+    from bnstudy.cli import resume_path
+
+    for key in ("SLURM_JOB_ID", "SLURM_NTASKS", "SLURM_JOB_NAME"):
+        monkeypatch.delenv(key, raising=False)
+    run = in_tmp / "r"
+    assert resume_path(run) is None
+    (run / "checkpoints").mkdir(parents=True)
+    last, hpc = run / "checkpoints" / "last.ckpt", run / "hpc_ckpt_1.ckpt"
+    last.write_bytes(b"x")
+    assert resume_path(run) == str(last)
+    hpc.write_bytes(b"x")
+    _os.utime(last, (1, 1))  # the hpc checkpoint is newer: a preempted run outside SLURM now
+    assert resume_path(run) == str(hpc)
+    _os.utime(hpc, (0, 0))
+    assert resume_path(run) == str(last)

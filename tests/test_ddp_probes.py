@@ -58,7 +58,8 @@ def dln_data() -> TensorDataset:
 
 
 def fit(batch_size: int, rank: int = 0, world: int = 1, **trainer_kw):
-    """A short DLN fit (no BN, mean loss) with the instruments at every step."""
+    """A short DLN fit (no BN, the paper's summed loss: DLNModule scales each rank's partial sum
+    so DDP's gradient average is the full-batch sum's) with the instruments at every step."""
     import lightning as L
 
     from bnstudy.instruments import ICS, ActivationStats, Instruments, Landscape, RandomLandscape
@@ -66,7 +67,7 @@ def fit(batch_size: int, rank: int = 0, world: int = 1, **trainer_kw):
 
     warnings.filterwarnings("ignore")
     L.seed_everything(0, verbose=False)
-    module = DLNModule(depth=6, norm="none", reduction="mean", lr=0.01, momentum=0.9)
+    module = DLNModule(depth=6, norm="none", reduction="sum", lr=0.0005, momentum=0.9)
     inst = Instruments([ICS(every=1), Landscape(every=1, lr_multiples=[0.5, 2]),
                         RandomLandscape(every=2, lr_multiples=[1]),
                         ActivationStats(every=2, units=4)])
