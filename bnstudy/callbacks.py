@@ -7,6 +7,7 @@ import signal
 from typing import Literal
 
 import lightning as L
+import yaml
 from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import SaveConfigCallback
@@ -62,10 +63,7 @@ class LoggerSaveConfigCallback(SaveConfigCallback):
     resolved config with every logger (W&B run config, CSV hparams.yaml)."""
 
     def save_config(self, trainer, pl_module, stage: str) -> None:
-        config = self.parser.dump(self.config, skip_none=False, format="yaml")
-        import yaml
-
-        resolved = yaml.safe_load(config)
+        resolved = yaml.safe_load(self.parser.dump(self.config, skip_none=False, format="yaml"))
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
                 logger.experiment.config.update(resolved, allow_val_change=True)

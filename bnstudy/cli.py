@@ -151,15 +151,14 @@ class StudyCLI(LightningCLI):
                 continue
             args = logger.init_args
             args.save_dir = str(run_dir)
-            if logger.class_path.endswith("WandbLogger"):  # W&B's service has its own cwd
-                args.save_dir = str(run_dir.resolve())
             if logger.class_path.endswith("CSVLogger"):
                 args.name, args.version = "", ""  # metrics.csv directly in the run directory
-            if logger.class_path.endswith("WandbLogger"):
+            elif logger.class_path.endswith("WandbLogger"):
                 ensure_wandb_mode()
+                # absolute: W&B's service process resolves paths against its own cwd
+                args.save_dir = args.dir = str(run_dir.resolve())
                 args.id = args.id or os.environ.get("WANDB_RUN_ID") or wandb_run_id(run_dir)
                 args.name = args.name or "/".join(run_dir.parts[-2:])
-                args.dir = str(run_dir.resolve())
                 args.resume = args.get("resume") or "allow"
 
     def instantiate_trainer(self, **kwargs):

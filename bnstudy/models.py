@@ -118,15 +118,3 @@ class DeepLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.layers(x)
-
-
-def weight_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """(name, module) of every Conv/Linear layer, in registration order (= forward order for the
-    sequential models here; probes that need the true forward order record it with hooks)."""
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-
-
-def count_params(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-

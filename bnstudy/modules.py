@@ -8,7 +8,6 @@ Every module exposes what the instruments need:
 from __future__ import annotations
 
 import inspect
-import time
 from typing import Literal
 
 import lightning as L
@@ -83,7 +82,6 @@ class StudyModule(L.LightningModule):
     # -- steps ----------------------------------------------------------------------------------
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
         resample_noise(self.net)  # noisy BN: one draw per training step, held for its probes
-        self._step_started = time.perf_counter()
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         x, y = batch

@@ -9,14 +9,14 @@ import torch
 from torch import nn
 
 from bnstudy.data import GaussianRegressionData
-from bnstudy.models import VGG, VGG_PLANS, DeepLinear, init_weights, weight_layers
+from bnstudy.models import VGG, VGG_PLANS, DeepLinear, init_weights
 from bnstudy.modules import DLNModule, VGGModule
 
 
 @pytest.mark.parametrize("depth, convs", [(11, 8), (13, 10), (16, 13), (19, 16)])
 def test_vgg_depths_and_width(depth, convs):
     net = VGG(depth=depth, width=0.25, norm="batch")
-    layers = weight_layers(net)
+    layers = [(n, m) for n, m in net.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
     assert len(layers) == convs + 1  # + the linear classifier
     widths = [m.out_channels for _, m in layers[:-1]]
     assert widths == [int(c * 0.25) for c in VGG_PLANS[depth] if c != "M"]
