@@ -1,4 +1,5 @@
-"""`python -m bnstudy fit|validate|test ...`: the study's LightningCLI.
+"""`python -m bnstudy fit|validate|test ...`: the study's LightningCLI (bnstudy/cli.py dispatches
+here, and imports this module only when a Lightning subcommand runs).
 
 Beyond LightningCLI it adds:
 - one run directory per run (`--run_dir`, default runs/<config>/<time>-<id>): config.yaml,
@@ -7,37 +8,47 @@ Beyond LightningCLI it adds:
 - links from the data module to the model (image size/channels/classes, DLN dimension);
 - the divergence guard and the checkpointing as configurable groups (--divergence.*,
   --checkpoint.*), throughput and learning-rate logging, a rich progress bar;
-- W&B never hangs: with no WANDB_MODE and no API key it runs offline (sync later).
+- W&B never hangs: with no WANDB_MODE and no API key it runs offline (sync later);
+- a run directory that protects its run (bnstudy/rundir.py): a lock, no resume with a changed
+  config, checkpoints checked before anything is written, nothing left by a run that fails before
+  its first step; SIGTERM/SIGINT stop at the end of a step with a resumable checkpoint.
 """
 from __future__ import annotations
 
+import logging
 import os
-import re
 import secrets
 import sys
 import time
 import warnings
-from functools import partial
 from pathlib import Path
 
-from jsonargparse import ArgumentError
-
 import torch
-from lightning.pytorch.callbacks import (
-    LearningRateMonitor,
-    ModelCheckpoint,
-    RichProgressBar,
-    ThroughputMonitor,
-)
+import yaml
+from lightning.pytorch.callbacks import LearningRateMonitor, ThroughputMonitor
 from lightning.pytorch.cli import LightningCLI
 
+import bnstudy.data  # noqa: F401  (registers the data classes: --data.help DigitsData works)
+import bnstudy.modules  # noqa: F401  (registers the model classes: --model.help VGGModule works)
 from bnstudy.callbacks import (
+    AtomicCheckpointIO,
+    BestCheckpoint,
     DivergenceGuard,
     LastCheckpoint,
     LoggerSaveConfigCallback,
-    RequeueAtStepEnd,
+    ResumeLogs,
+    StepEndSignals,
+    StepProgressBar,
 )
-from bnstudy.data import DataNotFoundError
+from bnstudy.rundir import (
+    RunLock,
+    UsageError,
+    check_checkpoint_fits,
+    check_writable,
+    load_checkpoint_checked,
+    refuse_changed_config,
+    remove_new_run_dir,
+)
 
 RUN_DIR_ENV = "BNSTUDY_RUN_DIR"  # shared with child processes (DDP) so every rank agrees
 
@@ -46,9 +57,14 @@ def _batch_size(batch) -> int:
     return batch[0].shape[0]
 
 
-def _data_attribute(key: str, data):
-    # None when the data lacks it; jsonargparse then skips targets the model does not have
-    return getattr(data, key, None)
+def _data_attribute(key: str):
+    """data -> data.<key>, named so that `fit --help` shows where a linked value comes from.
+    None when the data lacks it; jsonargparse then skips targets the model does not have."""
+    def attribute(data):
+        return getattr(data, key, None)
+
+    attribute.__name__ = attribute.__qualname__ = f"{key}_of"
+    return attribute
 
 
 def _is_rank_zero() -> bool:
@@ -123,7 +139,13 @@ class StudyCLI(LightningCLI):
                             help="Directory for all outputs of this run; reusing it resumes. "
                                  "Default: runs/<config>/<time>-<id>.")
         parser.add_lightning_class_args(DivergenceGuard, "divergence")
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")  # the best checkpoint
+        parser.add_argument("--resume_allow", type=list[str], default=[],
+                            help="Config keys (dotted, * wildcards) that may differ from the run "
+                                 "directory's config.yaml when resuming, e.g. "
+                                 "--resume_allow=[trainer.val_check_interval]. Always allowed: "
+                                 "trainer.max_steps, max_epochs, max_time, enable_progress_bar, "
+                                 "enable_model_summary.")
+        parser.add_lightning_class_args(BestCheckpoint, "checkpoint")  # the best checkpoint
         parser.set_defaults({"checkpoint.save_last": False, "checkpoint.monitor": "val/loss",
                              "checkpoint.filename": "best-{step}"})
         parser.add_lightning_class_args(LastCheckpoint, "last_checkpoint")  # last.ckpt
@@ -131,7 +153,14 @@ class StudyCLI(LightningCLI):
         # model lacks is skipped (VGG has no `dim`, the DLN no `num_classes`).
         for key in ("num_classes", "in_channels", "image_size", "dim"):
             parser.link_arguments("data", f"model.init_args.{key}", apply_on="instantiate",
-                                  compute_fn=partial(_data_attribute, key))
+                                  compute_fn=_data_attribute(key))
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        # predict is left out: the study's modules have no predict_step
+        subcommands = dict(LightningCLI.subcommands())
+        subcommands.pop("predict", None)
+        return subcommands
 
     def before_instantiate_classes(self) -> None:
         cfg = self.config[self.subcommand] if self.subcommand else self.config
@@ -145,6 +174,7 @@ class StudyCLI(LightningCLI):
                 group.dirpath = str(run_dir / "checkpoints")
         if self.subcommand == "fit" and cfg.get("ckpt_path") is None:
             cfg.ckpt_path = resume_path(run_dir)
+        self._lock_run_dir(run_dir)  # before anything below writes into it
         loggers = cfg.trainer.logger
         for logger in loggers if isinstance(loggers, list) else [loggers]:
             if not hasattr(logger, "class_path"):
@@ -160,26 +190,90 @@ class StudyCLI(LightningCLI):
                 args.id = args.id or os.environ.get("WANDB_RUN_ID") or wandb_run_id(run_dir)
                 args.name = args.name or "/".join(run_dir.parts[-2:])
                 args.resume = args.get("resume") or "allow"
+        stored = run_dir / "config.yaml"
+        if self.subcommand == "fit" and stored.is_file():  # a resume: same config, or refuse
+            current = yaml.safe_load(self._parser(self.subcommand).dump(cfg, skip_none=False))
+            previous = yaml.safe_load(stored.read_text()) or {}
+            refuse_changed_config(run_dir, previous, current, cfg.get("resume_allow") or [])
+
+    def _lock_run_dir(self, run_dir: Path) -> None:
+        """One process per run directory (rank 0 holds the lock: the other DDP ranks are the same
+        run). Remembers whether the directory is new, to remove it if the run never starts."""
+        _ACTIVE.update(cli=self, run_dir=run_dir)
+        if not _is_rank_zero():
+            return
+        check_writable(run_dir)
+        _ACTIVE["created"] = not run_dir.exists()
+        run_dir.mkdir(parents=True, exist_ok=True)
+        lock = RunLock(run_dir)
+        lock.acquire()
+        _ACTIVE["lock"] = lock
+
+    def _check_inputs(self, subcommand: str) -> None:
+        """Checks that would otherwise fail only after the W&B run and the run files exist: the
+        checkpoint to start from, and the data (loaded here once; setup is idempotent)."""
+        ckpt_path = self.config_init[subcommand].get("ckpt_path")
+        if ckpt_path and ckpt_path not in ("last", "best", "hpc", "registry"):
+            check_checkpoint_fits(ckpt_path, load_checkpoint_checked(ckpt_path), self.model)
+        single = all(os.environ.get(k, "1") == "1" for k in ("WORLD_SIZE", "SLURM_NTASKS"))
+        if self.datamodule is not None and single and _is_rank_zero():
+            self.datamodule.prepare_data()
+            self.datamodule.setup(subcommand)
+
+    def before_fit(self) -> None:
+        self._check_inputs("fit")
+
+    def before_validate(self) -> None:
+        self._check_inputs("validate")
+
+    def before_test(self) -> None:
+        self._check_inputs("test")
 
     def instantiate_trainer(self, **kwargs):
         cfg = self.config_init[self.subcommand] if self.subcommand else self.config_init
         extra = [LearningRateMonitor(logging_interval="step")]
         if self.subcommand == "fit":
-            extra += [ThroughputMonitor(batch_size_fn=_batch_size), RequeueAtStepEnd()]
+            extra += [ThroughputMonitor(batch_size_fn=_batch_size), StepEndSignals(), ResumeLogs()]
         if cfg.trainer.get("enable_progress_bar") is not False:
-            extra.append(RichProgressBar())
+            extra.append(StepProgressBar())
         callbacks = list(cfg.trainer.get("callbacks") or []) + extra
+        if not cfg.trainer.get("plugins"):  # checkpoints written to a temp file, then renamed
+            kwargs["plugins"] = [AtomicCheckpointIO()]
         return super().instantiate_trainer(callbacks=callbacks, **kwargs)
+
+
+# the run in progress in this process: its lock, and whether its directory is new (so that a
+# failure before the first step removes it)
+_ACTIVE: dict = {}
+
+_NOISE = (r".*flops_per_batch.*", r".*isinstance\(treespec, LeafSpec\).*",
+          r".*does not have many workers.*", r".*srun. command is available.*")
+
+
+class _NoTips(logging.Filter):
+    """Drops Lightning's promotional tips (litlogger, litmodels)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.getMessage()).startswith("\N{ELECTRIC LIGHT BULB} Tip")
+
+
+def _quiet() -> None:
+    for noise in _NOISE:
+        warnings.filterwarnings("ignore", message=noise)
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        log = logging.getLogger(name)
+        if not any(isinstance(f, _NoTips) for f in log.filters):
+            log.addFilter(_NoTips())
 
 
 def cli_main(args: list[str] | None = None, run: bool = True) -> StudyCLI:
     torch.set_float32_matmul_precision("high")
-    for noise in (r".*flops_per_batch.*", r".*isinstance\(treespec, LeafSpec\).*",
-                  r".*does not have many workers.*", r".*srun. command is available.*"):
-        warnings.filterwarnings("ignore", message=noise)
+    _quiet()
     previous_run_dir = os.environ.get(RUN_DIR_ENV)
+    _ACTIVE.clear()
+    ok = False
     try:
-        return StudyCLI(
+        cli = StudyCLI(
             model_class=None,
             datamodule_class=None,
             subclass_mode_model=True,
@@ -187,10 +281,12 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> StudyCLI:
             save_config_callback=LoggerSaveConfigCallback,
             save_config_kwargs={"overwrite": True},
             auto_configure_optimizers=False,
-            parser_kwargs={"exit_on_error": False},  # errors reach main(), which prints one line
+            parser_kwargs={"exit_on_error": False, "prog": "bnstudy"},  # errors reach main()
             args=args,
             run=run,
         )
+        ok = True
+        return cli
     finally:
         # the run directory is shared with this run's DDP children only, not with a later run
         # started in the same process
@@ -199,60 +295,11 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> StudyCLI:
         else:
             os.environ[RUN_DIR_ENV] = previous_run_dir
         if run and "wandb" in sys.modules and sys.modules["wandb"].run is not None:
-            sys.modules["wandb"].finish()  # the next run in this process gets its own W&B run
-
-
-def summarize_config_error(message: str) -> str:
-    """One line naming the key from jsonargparse's nested multi-line error report."""
-    group = re.search(r"""(?:Parser key|Problem with given value for) ["'](\w+)["']""", message)
-    if m := re.search(r"unrecognized arguments: (\S+)", message):
-        return f"unknown key {m.group(1).lstrip('-').split('=')[0]}"
-    if m := re.search(r"Option '([^']+)' is not accepted", message):
-        cls = re.search(r"class_path '([^']+)'", message)
-        prefix = (group.group(1) + ".") if group else ""
-        return f"unknown key {prefix}{m.group(1)}" + (f" (not an argument of {cls.group(1)})"
-                                                      if cls else "")
-    if m := re.search(r"((?:model|data|trainer)\.[\w.]+ must [^\n]+)", message):
-        return m.group(1)
-    keys = re.findall(r"""Parser key ["']([\w.]+)["']:\s*\n?\s*([^\n]+)""", message)
-    if keys:
-        key, why = keys[-1]
-        if group and group.group(1) != key and not key.startswith(group.group(1) + "."):
-            key = f"{group.group(1)}.{key}"
-        return f"bad value for {key}: {why.strip()}"
-    lines = [line.strip(" -") for line in message.splitlines() if line.strip(" -")]
-    return lines[0] if lines else message
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = argv  # None: LightningCLI reads sys.argv itself
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] == "grid":
-        from bnstudy.grid import main as grid_main
-
-        return grid_main(argv[1:])
-    if argv and argv[0] == "plot":
-        from bnstudy.plot import main as plot_main
-
-        return plot_main(argv[1:])
-    try:
-        cli_main(args)
-    except DataNotFoundError as err:  # raised in fit, once the data is looked for
-        print(f"bnstudy: error: {err}", file=sys.stderr)
-        return 2
-    except (ArgumentError, ValueError, TypeError) as err:
-        if os.environ.get("BNSTUDY_DEBUG") or not _is_config_error(err):
-            raise
-        print(f"bnstudy: error: {summarize_config_error(str(err))}", file=sys.stderr)
-        return 2
-    return 0
-
-
-def _is_config_error(err: Exception) -> bool:
-    # parse errors, and errors jsonargparse raises while instantiating classes from the config
-    tb = err.__traceback__
-    while tb is not None:
-        if "jsonargparse" in tb.tb_frame.f_code.co_filename:
-            return True
-        tb = tb.tb_next
-    return isinstance(err, ArgumentError)
+            sys.modules["wandb"].finish(exit_code=0 if ok else 1)  # the next run gets its own
+        trainer = getattr(_ACTIVE.get("cli"), "trainer", None)
+        started = trainer is not None and trainer.global_step > 0
+        if "lock" in _ACTIVE:
+            _ACTIVE["lock"].release()
+        if not ok and _ACTIVE.get("created") and not started:
+            remove_new_run_dir(_ACTIVE["run_dir"])  # a run that never started leaves nothing
+        _ACTIVE.clear()
