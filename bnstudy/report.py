@@ -182,17 +182,16 @@ def _finish(fig, title: str, axes) -> object:
 
 
 def curves(*panels: Panel, title: str = "") -> Callable[[list[Run]], object]:
-    """Draw function: one panel per metric (a `{layer}` in a key expands to the logged layers)."""
+    """Draw function: one panel per metric; keys with `{layer}` expand to the logged layers,
+    one row per layer."""
     def draw(runs: list[Run], layers: tuple[int, ...] = ()) -> object:
-        expanded = []
-        for p in panels:
-            if "{layer}" in p.key:
-                for layer in layers_of(runs, p.key, layers):
-                    expanded.append(Panel(p.key.replace("{layer}", layer),
-                                          f"{p.ylabel} ({layer})", p.log, p.band))
-            else:
-                expanded.append(p)
-        fig, axes = _grid(len(expanded))
+        plain = [p for p in panels if "{layer}" not in p.key]
+        per_layer = [p for p in panels if "{layer}" in p.key]
+        expanded = list(plain)
+        for layer in layers_of(runs, per_layer[0].key, layers) if per_layer else []:
+            expanded += [Panel(p.key.replace("{layer}", layer), f"{p.ylabel} ({layer})", p.log,
+                               p.band) for p in per_layer]
+        fig, axes = _grid(len(expanded), cols=len(per_layer) if per_layer and not plain else 3)
         grouped = groups(runs)
         for ax, p in zip(axes, expanded):
             draw_lines(ax, grouped, p)

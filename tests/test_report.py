@@ -5,10 +5,12 @@ files."""
 from __future__ import annotations
 
 import contextlib
+import html
 import csv
 import io
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -111,18 +113,12 @@ def test_skipped_figures_name_the_runs_that_feed_them(report):
 
 
 def table(index: str, after: str) -> list[list[str]]:
-    """Rows of the first HTML table after the heading `after` (header row first)."""
-    import re
-
+    """Rows of the first HTML table after the heading `after` (header row first), cells as
+    text."""
     body = index.split(after, 1)[1].split("</table>", 1)[0]
-    return [[html_unescape(c) for c in re.findall(r"<t[hd][^>]*>(.*?)</t[hd]>", row, re.S)]
+    return [[html.unescape(re.sub(r"<[^>]+>", " ", c)).strip()
+             for c in re.findall(r"<t[hd][^>]*>(.*?)</t[hd]>", row, re.S)]
             for row in body.split("<tr>")[1:]]
-
-
-def html_unescape(text: str) -> str:
-    import html
-
-    return html.unescape(text)
 
 
 def test_runs_table_shows_the_keys_that_differ(report):
@@ -196,7 +192,7 @@ def test_claim1_says_not_shown_when_bn_trains_slower(run_root, tmp_path, capsys)
     assert main(["report", str(tmp_path / "runs"), "--out", str(out)]) == 0
     rows = table((out / "index.html").read_text(), "<h2>Claims</h2>")
     assert rows[1][-1].startswith("not shown") and "not higher" in rows[1][-1]
-    assert [r[-1] for r in rows[2:]] == ["no runs"] * 4
+    assert all(r[-1].startswith("no runs") for r in rows[2:])
     # ... and shown once the data says BN is faster
     shutil.rmtree(tmp_path / "runs" / "batch")
     write_run(tmp_path / "runs" / "batch", config, "batch", accuracy(0.95, [0.1, 0.9, 0.95]))
