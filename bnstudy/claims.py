@@ -142,13 +142,14 @@ def contexts(runs: list[Run], norms: tuple[str, ...]) -> list[tuple[str, dict[st
         if r.norm in norms:
             key = tuple(repr(r.get(k)) for k in CONTEXT_KEYS)
             groups.setdefault(key, {}).setdefault(r.norm, []).append(r)
-    varying = [i for i, k in enumerate(CONTEXT_KEYS)
-               if k not in ("model", "lr") and len({key[i] for key in groups}) > 1]
     out = []
     for key, by_norm in groups.items():
         first = next(iter(by_norm.values()))[0]
-        label = f"{first.kind} lr {first.lr:g}"
-        label += "".join(f", {CONTEXT_KEYS[i]}={first.get(CONTEXT_KEYS[i])}" for i in varying)
+        # name what tells this context from the others of the same model
+        same_model = [k for k in groups if k[0] == key[0]]
+        label = f"{first.kind} lr {first.lr:g}" + "".join(
+            f", {name}={first.get(name)}" for i, name in enumerate(CONTEXT_KEYS)
+            if name not in ("model", "lr") and len({k[i] for k in same_model}) > 1)
         out.append((label, by_norm))
     return sorted(out, key=lambda item: item[0])
 
