@@ -577,6 +577,7 @@ def build_report(paths: list[str | Path], out_dir: str | Path, runs: list[Run] |
     runs = load_runs(paths) if runs is None else runs
     report = Report(out=Path(out_dir))
     report.out.mkdir(parents=True, exist_ok=True)
+    echo(f"{len(runs)} runs; writing the report to {report.out}")
     plt = _plt()
     for spec in FIGURES if figures is None else figures:
         chosen = spec.runs(runs)

@@ -169,6 +169,7 @@ def load_wandb_runs(spec: str) -> list[Run]:
     """Runs of ENTITY/PROJECT (report runs left out) or of the sweep ENTITY/PROJECT/SWEEP_ID,
     read through W&B's public API: the config and the full history of each."""
     import wandb
+    from rich.progress import track
 
     parts = spec.strip("/").split("/")
     if len(parts) not in (2, 3) or not all(parts):
@@ -176,7 +177,7 @@ def load_wandb_runs(spec: str) -> list[Run]:
     api = wandb.Api()
     found = api.sweep(spec).runs if len(parts) == 3 else api.runs("/".join(parts))
     runs = []
-    for r in found:
+    for r in track(list(found), description=f"reading runs of {spec}"):
         if getattr(r, "job_type", None) == "report":
             continue
         series: dict[str, dict[int, float]] = {}
