@@ -60,8 +60,6 @@ SKIPPED = {"fig5_lp_dln": "sweeps/fig5_lp_dln.yaml", "fig13_landscape_lp_dln": "
 @pytest.fixture(scope="session")
 def run_root(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("report_runs")
-    if os.environ.get("DEV_RUNS"):  # DEV-ONLY
-        return Path(os.environ["DEV_RUNS"])  # DEV-ONLY
     previous = os.environ.get("WANDB_MODE")
     os.environ["WANDB_MODE"] = "disabled"  # the fits need no W&B files; the report does
     try:
