@@ -81,7 +81,9 @@ def _log_y(ax) -> None:
     from matplotlib.ticker import NullFormatter
 
     ax.set_yscale("log")
-    ax.yaxis.set_minor_formatter(NullFormatter())  # labels on decades only (and faster)
+    low, high = ax.get_ylim()
+    if high > 10 * low:  # a decade or more: label decades only (minor labels are slow to draw)
+        ax.yaxis.set_minor_formatter(NullFormatter())
 
 
 def groups(runs: list[Run]) -> list[tuple[str, list[Run]]]:
@@ -123,9 +125,27 @@ class Panel:
     band: bool = False
 
 
+# one color per normalization in every figure; a norm's groups (other lr, ...) differ by line style
+NORM_COLORS = {"none": "C1", "batch": "C0", "noisy_batch": "C2", "noise": "C3", "l1": "C4",
+               "l2": "C5", "linf": "C6", "layer": "C7", "group": "C8"}
+LINE_STYLES = ("-", "--", ":", "-.")
+
+
+def styles(grouped: list[tuple[str, list[Run]]]) -> list[tuple[str, str]]:
+    """(color, line style) per group: color by norm where the groups' norms differ."""
+    if len({rs[0].norm for _, rs in grouped}) < 2:
+        return [(f"C{i % 10}", "-") for i in range(len(grouped))]
+    seen: dict[str, int] = {}
+    out = []
+    for _, rs in grouped:
+        norm = rs[0].norm
+        out.append((NORM_COLORS.get(norm, "C9"), LINE_STYLES[seen.get(norm, 0) % 4]))
+        seen[norm] = seen.get(norm, 0) + 1
+    return out
+
+
 def draw_lines(ax, grouped, panel: Panel) -> None:
-    for i, (label, rs) in enumerate(grouped):
-        color = f"C{i % 10}"
+    for (label, rs), (color, style) in zip(grouped, styles(grouped)):
         label += f" ({len(rs)} seeds)" if len(rs) > 1 else ""
         if panel.band:
             steps, lo, _, _ = mean_band(rs, f"{panel.key}_min")
@@ -133,13 +153,13 @@ def draw_lines(ax, grouped, panel: Panel) -> None:
             if not steps or steps != steps_hi:
                 continue
             ax.fill_between(steps, lo, hi, color=color, alpha=0.35, lw=0, label=label)
-            ax.plot(steps, lo, color=color, lw=0.6)
-            ax.plot(steps, hi, color=color, lw=0.6)
+            ax.plot(steps, lo, color=color, lw=0.6, ls=style)
+            ax.plot(steps, hi, color=color, lw=0.6, ls=style)
             continue
         steps, mean, lo, hi = mean_band(rs, panel.key)
         if not steps:
             continue
-        ax.plot(steps, mean, color=color, lw=1.2, label=label)
+        ax.plot(steps, mean, color=color, lw=1.2, ls=style, label=label)
         if len(rs) > 1:
             ax.fill_between(steps, lo, hi, color=color, alpha=0.2, lw=0)
     ax.set_xlabel("step")
@@ -211,7 +231,7 @@ def activations(layers: tuple[int, ...], title: str) -> Callable[[list[Run]], ob
         chosen = layers_of(runs, "act/{layer}/q50", layers)
         grouped = groups(runs)
         fig, axes = _subplots(len(grouped), len(chosen), 4.4, 2.8, sharex=True)
-        for row, (label, rs) in enumerate(grouped):
+        for row, ((label, rs), (color, _)) in enumerate(zip(grouped, styles(grouped))):
             for col, layer in enumerate(chosen):
                 ax = axes[row][col]
                 key = f"act/{layer}"
@@ -222,7 +242,6 @@ def activations(layers: tuple[int, ...], title: str) -> Callable[[list[Run]], ob
                 q95 = mean_band(rs, f"{key}/q95")[1]
                 q25, q75 = mean_band(rs, f"{key}/q25")[1], mean_band(rs, f"{key}/q75")[1]
                 q50 = mean_band(rs, f"{key}/q50")[1]
-                color = f"C{row % 10}"
                 if len(q95) == len(steps):
                     ax.fill_between(steps, q05, q95, color=color, alpha=0.2, lw=0, label="5-95%")
                 if len(q25) == len(q75) == len(steps):
