@@ -65,7 +65,13 @@ class DivergenceGuard(L.Callback):
 
 class LoggerSaveConfigCallback(SaveConfigCallback):
     """Writes config.yaml into the run directory (LightningCLI default) and stores the full
-    resolved config with every logger (W&B run config, CSV hparams.yaml)."""
+    resolved config with every logger (W&B run config, CSV hparams.yaml). validate and test
+    write config_<stage>.yaml instead: config.yaml stays the record of the run's training."""
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if stage != "fit":
+            self.config_filename = f"config_{stage}.yaml"
+        super().setup(trainer, pl_module, stage)
 
     def save_config(self, trainer, pl_module, stage: str) -> None:
         resolved = yaml.safe_load(self.parser.dump(self.config, skip_none=False, format="yaml"))

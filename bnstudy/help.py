@@ -12,33 +12,13 @@ LINKED = {"num_classes", "in_channels", "image_size", "dim"}  # set from the dat
 
 def _chosen(argv: list[str]):
     """The parsed config of these arguments (without --help), or None when they do not parse."""
-    from bnstudy.lightning_cli import StudyCLI
-
-    class ParseOnly(StudyCLI):
-        def before_instantiate_classes(self) -> None:
-            pass
-
-        def instantiate_classes(self) -> None:
-            pass
-
-        def _run_subcommand(self, subcommand) -> None:
-            pass
-
-        def _set_seed(self) -> None:
-            pass
+    from bnstudy.lightning_cli import parse_only
 
     args = [a for a in argv if a not in ("-h", "--help")]
-    saved, sys.argv = sys.argv, sys.argv[:1]  # args given: LightningCLI must not read sys.argv
     try:
-        cli = ParseOnly(model_class=None, datamodule_class=None, subclass_mode_model=True,
-                        subclass_mode_data=True, save_config_callback=None,
-                        auto_configure_optimizers=False, parser_kwargs={"exit_on_error": False},
-                        args=args, run=True)
-    except Exception:  # incomplete arguments: no config section then
+        return parse_only(args).config[args[0]]
+    except Exception:  # incomplete or wrong arguments: --help then shows the full list only
         return None
-    finally:
-        sys.argv = saved
-    return cli.config[args[0]]
 
 
 def print_config_options(argv: list[str]) -> None:

@@ -209,12 +209,24 @@ class StudyCLI(LightningCLI):
         lock.acquire()
         _ACTIVE["lock"] = lock
 
+    def _parse_ckpt_path(self) -> None:
+        """A given --ckpt_path is checked at once (one line naming what is wrong with the file).
+        Lightning would replace the model's config by the checkpoint's hyperparameters; here the
+        config stays what the user wrote, and a checkpoint that does not fit it is refused."""
+        sub = self.config.get("subcommand")
+        ckpt_path = self.config[sub].get("ckpt_path") if sub else None
+        if ckpt_path and ckpt_path not in ("last", "best", "hpc", "registry"):
+            self._given_checkpoint = (ckpt_path, load_checkpoint_checked(ckpt_path))
+
     def _check_inputs(self, subcommand: str) -> None:
         """Checks that would otherwise fail only after the W&B run and the run files exist: the
         checkpoint to start from, and the data (loaded here once; setup is idempotent)."""
         ckpt_path = self.config_init[subcommand].get("ckpt_path")
         if ckpt_path and ckpt_path not in ("last", "best", "hpc", "registry"):
-            check_checkpoint_fits(ckpt_path, load_checkpoint_checked(ckpt_path), self.model)
+            path, ckpt = getattr(self, "_given_checkpoint", (None, None))
+            ckpt = ckpt if path == ckpt_path else load_checkpoint_checked(ckpt_path)
+            check_checkpoint_fits(ckpt_path, ckpt, self.model)
+            self._given_checkpoint = (None, None)
         single = all(os.environ.get(k, "1") == "1" for k in ("WORLD_SIZE", "SLURM_NTASKS"))
         if self.datamodule is not None and single and _is_rank_zero():
             self.datamodule.prepare_data()
@@ -240,6 +252,37 @@ class StudyCLI(LightningCLI):
         if not cfg.trainer.get("plugins"):  # checkpoints written to a temp file, then renamed
             kwargs["plugins"] = [AtomicCheckpointIO()]
         return super().instantiate_trainer(callbacks=callbacks, **kwargs)
+
+
+class ParseOnlyCLI(StudyCLI):
+    """The CLI up to and including parsing and validating the arguments; builds and writes
+    nothing (for `fit --help` and for checking sweep commands before they are submitted)."""
+
+    def before_instantiate_classes(self) -> None:
+        pass
+
+    def instantiate_classes(self) -> None:
+        pass
+
+    def _run_subcommand(self, subcommand) -> None:
+        pass
+
+    def _set_seed(self) -> None:
+        pass
+
+
+def parse_only(args: list[str]) -> ParseOnlyCLI:
+    """Parse `fit|validate|test ...` arguments; raises jsonargparse's ArgumentError when they do
+    not parse. The parser is then reusable: cli.parser.parse_args(other_args)."""
+    saved, sys.argv = sys.argv, sys.argv[:1]  # args given: LightningCLI must not read sys.argv
+    try:
+        return ParseOnlyCLI(model_class=None, datamodule_class=None, subclass_mode_model=True,
+                            subclass_mode_data=True, save_config_callback=None,
+                            auto_configure_optimizers=False,
+                            parser_kwargs={"exit_on_error": False, "prog": "bnstudy"},
+                            args=args, run=True)
+    finally:
+        sys.argv = saved
 
 
 # the run in progress in this process: its lock, and whether its directory is new (so that a
