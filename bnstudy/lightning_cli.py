@@ -203,7 +203,10 @@ class StudyCLI(LightningCLI):
         if not _is_rank_zero():
             return
         check_writable(run_dir)
-        _ACTIVE["created"] = not run_dir.exists()
+        created = run_dir  # the topmost directory this run creates (runs/<config>/ too if new)
+        while not created.parent.exists() and created.parent != created.parent.parent:
+            created = created.parent
+        _ACTIVE["created"] = None if run_dir.exists() else created
         run_dir.mkdir(parents=True, exist_ok=True)
         lock = RunLock(run_dir)
         lock.acquire()
@@ -344,5 +347,5 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> StudyCLI:
         if "lock" in _ACTIVE:
             _ACTIVE["lock"].release()
         if not ok and _ACTIVE.get("created") and not started:
-            remove_new_run_dir(_ACTIVE["run_dir"])  # a run that never started leaves nothing
+            remove_new_run_dir(_ACTIVE["created"])  # a run that never started leaves nothing
         _ACTIVE.clear()
