@@ -104,9 +104,11 @@ class StepEndSignals(L.Callback):
       handler (hpc checkpoint + `scontrol requeue`), run here; the W&B run is marked preempting so
       a sweep hands it back under the same run id. Slurm then ends the job with SIGTERM: once the
       requeue took over, that SIGTERM only stops the process (the hpc checkpoint is the resume
-      point) and the exit code does not matter, the job is requeued."""
+      point) and the exit code does not matter, the job is requeued.
+    Under DDP the ranks agree every DDP_CHECK_EVERY steps, so a signal acts within that many."""
 
     STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+    DDP_CHECK_EVERY = 10  # steps between the ranks' checks for a pending signal under DDP
 
     def __init__(self):
         self._lightning_handler, self._requeue_signum = None, None
@@ -149,6 +151,8 @@ class StepEndSignals(L.Callback):
         requeue = self._lightning_handler is not None and self._requeue_signum is not None
         stop = self._stop_signum is not None
         if trainer.world_size > 1:
+            if trainer.global_step % self.DDP_CHECK_EVERY:
+                return  # a collective (and a device sync) every step would slow DDP down
             # one collective for both: any rank's signal stops every rank at this step
             flags = trainer.strategy.reduce(
                 torch.tensor([float(requeue), float(stop)], device=pl_module.device),

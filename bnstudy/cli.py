@@ -94,6 +94,8 @@ def run_lightning(args: list[str] | None, argv: list[str]) -> int:
     from bnstudy.lightning_cli import cli_main
     from bnstudy.rundir import UsageError
 
+    if any(a.split("=")[0].endswith(".help") for a in argv):
+        sys.argv[0] = PROG  # jsonargparse names the class help after it (help exits: safe)
     if "-h" in argv or "--help" in argv:
         from bnstudy.help import print_config_options
 

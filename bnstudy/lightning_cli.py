@@ -111,14 +111,18 @@ def wandb_run_id(run_dir: Path) -> str:
 def resume_path(run_dir: Path) -> str | None:
     """Re-running `fit` in a run directory resumes it from its newest checkpoint: last.ckpt or a
     SLURM hpc_ckpt_*.ckpt. Under SLURM, Lightning restores an hpc checkpoint itself (only when no
-    ckpt_path is given), so then None."""
+    ckpt_path is given), so None when that is the newest."""
     from lightning.fabric.plugins.environments import SLURMEnvironment
 
     hpc = list(run_dir.glob("hpc_ckpt_*.ckpt"))
-    if hpc and SLURMEnvironment.detect():
-        return None
     candidates = hpc + [p for p in [run_dir / "checkpoints" / "last.ckpt"] if p.exists()]
-    return str(max(candidates, key=lambda p: p.stat().st_mtime)) if candidates else None
+    if not candidates:
+        return None
+    newest = max(candidates, key=lambda p: p.stat().st_mtime)
+    if newest in hpc and SLURMEnvironment.detect():
+        return None  # Lightning restores its newest hpc checkpoint itself
+    # a last.ckpt newer than the hpc checkpoints: the run was stopped by SIGTERM after a requeue
+    return str(newest)
 
 
 def ensure_wandb_mode() -> None:
@@ -203,7 +207,10 @@ class StudyCLI(LightningCLI):
         if not _is_rank_zero():
             return
         check_writable(run_dir)
-        _ACTIVE["created"] = not run_dir.exists()
+        created = run_dir  # the topmost directory this run creates (runs/<config>/ too if new)
+        while not created.parent.exists() and created.parent != created.parent.parent:
+            created = created.parent
+        _ACTIVE["created"] = None if run_dir.exists() else created
         run_dir.mkdir(parents=True, exist_ok=True)
         lock = RunLock(run_dir)
         lock.acquire()
@@ -344,5 +351,5 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> StudyCLI:
         if "lock" in _ACTIVE:
             _ACTIVE["lock"].release()
         if not ok and _ACTIVE.get("created") and not started:
-            remove_new_run_dir(_ACTIVE["run_dir"])  # a run that never started leaves nothing
+            remove_new_run_dir(_ACTIVE["created"])  # a run that never started leaves nothing
         _ACTIVE.clear()

@@ -110,7 +110,7 @@ def refuse_changed_config(run_dir: Path, stored: dict, current: dict, allowed: l
     shown = ", ".join(f"{k} ({_short(a.get(k))} -> {_short(b.get(k))})" for k in keys[:6])
     more = f" and {len(keys) - 6} more" if len(keys) > 6 else ""
     raise UsageError(f"run directory {run_dir} holds a run with another config: {shown}{more}; "
-                     "pass a new --run_dir for a new run, or --resume_allow=KEY[,KEY] to resume "
+                     "pass a new --run_dir for a new run, or --resume_allow=[KEY,...] to resume "
                      "with these keys changed")
 
 

@@ -89,9 +89,10 @@ def test_fit_help_leads_with_the_configs_model_and_data_options():
     assert "num_classes_of(data) --> model.init_args.num_classes" in out  # where links come from
     assert "functools.partial" not in out
     short = bnstudy("fit", "--model.help", "VGGModule")  # short class names work
-    assert short.returncode == 0 and "--model.init_args.norm" in short.stdout, short.stderr[-800:]
+    assert short.returncode == 0 and "--model.norm" in short.stdout, short.stderr[-800:]
+    assert short.stdout.startswith("usage: bnstudy")
     data_help = bnstudy("fit", "--data.help", "DigitsData")
-    assert data_help.returncode == 0 and "--data.init_args.batch_size" in data_help.stdout
+    assert data_help.returncode == 0 and "--data.batch_size" in data_help.stdout
 
 
 def test_step_limited_progress_bar_counts_steps(tmp_path):
@@ -194,22 +195,19 @@ def test_data_root_without_data_and_unwritable_run_dir(quiet, capsys, tmp_path):
     line = one_error_line(capsys.readouterr().err)
     assert rc == 2 and "CIFAR-10 not found under" in line and str(empty) in line
     assert not Path("nodata").exists()
-    # unwritable: a read-only directory, for a user who is not root (root may write anywhere)
-    ro = tmp_path / "ro"
-    ro.mkdir()
-    os.chmod(tmp_path, 0o755)
-    os.chmod(ro, 0o555)
-    env, preexec = dict(ENV), None
-    if os.geteuid() == 0:
-        env.update(HOME=str(tmp_path), MPLCONFIGDIR=str(tmp_path), WANDB_DIR=str(tmp_path))
-        for parent in [tmp_path, *tmp_path.parents]:  # let `nobody` reach it
-            if parent != Path("/"):
-                os.chmod(parent, os.stat(parent).st_mode | 0o005)
-        preexec = lambda: (os.setgid(65534), os.setuid(65534))  # noqa: E731
-    proc = bnstudy("fit", *TINY, "--trainer.max_steps=2", f"--run_dir={ro / 'run'}", env=env,
-                   preexec_fn=preexec)
-    line = one_error_line(proc.stderr)
-    assert proc.returncode == 2 and f"run directory {ro / 'run'} is not writable" in line
+    # a run directory that cannot be made: below a file, and (not as root, who may write
+    # anywhere) below a read-only directory
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    rc = main(["fit", *TINY, "--trainer.max_steps=2", f"--run_dir={afile / 'run'}"])
+    line = one_error_line(capsys.readouterr().err)
+    assert rc == 2 and f"run directory {afile / 'run'}: {afile} is not a directory" in line
+    if os.geteuid() != 0:
+        ro = tmp_path / "ro"
+        ro.mkdir(mode=0o555)
+        rc = main(["fit", *TINY, "--trainer.max_steps=2", f"--run_dir={ro / 'run'}"])
+        line = one_error_line(capsys.readouterr().err)
+        assert rc == 2 and f"run directory {ro / 'run'} is not writable" in line
 
 
 FILL_DISK = """
@@ -340,3 +338,33 @@ def test_metrics_csv_one_row_per_step_and_columns_as_documented(quiet):
               if doc not in conditional and not any(p.match(c) for c in columns)]
     assert unseen == []
     assert (run_dir / "config.yaml").read_text().count("ckpt_path: null") == 1  # fit's, kept
+
+
+# -- sweeps are checked before anything is submitted -----------------------------------------
+
+def test_grid_catches_a_parameter_the_cli_does_not_know(tmp_path):
+    sweep = tmp_path / "typo.yaml"
+    sweep.write_text(yaml.safe_dump({
+        "method": "grid", "parameters": {"model.nrom": {"values": ["none", "batch"]}},
+        "command": ["${env}", "${interpreter}", "-m", "bnstudy", "fit", "--config",
+                    "configs/quickstart.yaml", "${args}"]}))
+    proc = bnstudy("grid", str(sweep))
+    line = one_error_line(proc.stderr)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert "run 0 (-m bnstudy fit --config configs/quickstart.yaml --model.nrom=none)" in line
+    assert line.endswith("unknown key model.nrom")
+    # slurm/grid.sh runs the same check before sbatch: nothing is submitted
+    runs = tmp_path / "runs"
+    sh = subprocess.run(["bash", "slurm/grid.sh", str(sweep)], cwd=REPO, capture_output=True,
+                        text=True, timeout=300,
+                        env={**{k: v for k, v in ENV.items() if not k.startswith("SLURM_")},
+                             "BNSTUDY_PYTHON": sys.executable, "BNSTUDY_RUNS": str(runs)})
+    assert sh.returncode == 2 and "unknown key model.nrom" in sh.stderr, sh.stderr[-2000:]
+    assert "sbatch" not in sh.stderr
+    # a grid file, and extra arguments every run gets, are checked the same way
+    good = tmp_path / "grid.txt"
+    good.write_text("-m bnstudy fit --config configs/quickstart.yaml --model.norm=none\n")
+    ok = bnstudy("grid", "--check", str(good), "--", "--trainer.max_steps=3")
+    assert ok.returncode == 0 and "1 runs parse" in ok.stderr, ok.stderr[-2000:]
+    bad = bnstudy("grid", "--check", str(good), "--", "--trainer.max_stepz=3")
+    assert bad.returncode == 2 and "unknown key trainer.max_stepz" in one_error_line(bad.stderr)
