@@ -565,8 +565,12 @@ def log_to_wandb(report: Report, runs: list[Run]) -> Path:
     projects = [r.wandb_project for r in runs]
     entity, project = max(set(projects), key=projects.count) if projects else (None, None)
     report.out.mkdir(parents=True, exist_ok=True)
+    # the mode is read now: wandb keeps the settings of the first run of a process, which may
+    # have been a fit with W&B disabled
+    mode = os.environ.get("WANDB_MODE", "").lower()
     run = wandb.init(project=project or "bnstudy", entity=entity, job_type="report",
                      dir=str(report.out.resolve()), name=f"report-{report.out.name}",
+                     mode=mode if mode in ("online", "offline") else None,
                      config={"runs": [r.id for r in runs], "figures": list(report.figures),
                              "skipped": list(report.skipped)}, reinit="create_new")
     try:
