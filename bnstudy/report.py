@@ -77,13 +77,17 @@ def _plt():
     return plt
 
 
-def _log_y(ax) -> None:
+def _null_formatter():
     from matplotlib.ticker import NullFormatter
 
+    return NullFormatter()
+
+
+def _log_y(ax) -> None:
     ax.set_yscale("log")
     low, high = ax.get_ylim()
     if high > 10 * low:  # a decade or more: label decades only (minor labels are slow to draw)
-        ax.yaxis.set_minor_formatter(NullFormatter())
+        ax.yaxis.set_minor_formatter(_null_formatter())
 
 
 def groups(runs: list[Run]) -> list[tuple[str, list[Run]]]:
@@ -324,6 +328,9 @@ def sweep_plot(panel_of: Callable[[Run], str], line_of: Callable[[Run], str],
                                 marker="o", ms=3, capsize=2, color=f"C{i % 10}", label=line)
                     ax.set_ylabel(ylabel)
             ax.set_xscale("log")
+            xs = sorted({x_of(r) for r in runs if panel_of(r) == panel})
+            ax.set_xticks(xs, [f"{x:g}" for x in xs])  # the swept values themselves
+            ax.xaxis.set_minor_formatter(_null_formatter())
             if log_y:
                 _log_y(ax)
             ax.set_xlabel(xlabel)
@@ -454,7 +461,8 @@ FIGURES: list[FigureSpec] = [
                DLN_LP_FEED, needs=("landscape/beta_eff",), keep=any_norm("l1", "l2", "linf")),
     FigureSpec("q_optimizer", "Open question: BN's advantage across optimizers (final test "
                               "accuracy vs lr)",
-               lambda r: r.kind == "vgg",
+               lambda r: (r.kind == "vgg" and r.get("init", "glorot") == "glorot"
+                          and float(r.get("init_scale") or 1.0) == 1.0),
                sweep_plot(_optimizer_label, lambda r: r.norm, lambda r: r.lr, "learning rate",
                           "Optimizer x norm x lr (VGG)"),
                "sweeps/q_optimizer.yaml and sweeps/q_momentum.yaml (VGG runs with at least two "
@@ -565,8 +573,12 @@ def log_to_wandb(report: Report, runs: list[Run]) -> Path:
     projects = [r.wandb_project for r in runs]
     entity, project = max(set(projects), key=projects.count) if projects else (None, None)
     report.out.mkdir(parents=True, exist_ok=True)
+    # the mode is read now: wandb keeps the settings of the first run of a process, which may
+    # have been a fit with W&B disabled
+    mode = os.environ.get("WANDB_MODE", "").lower()
     run = wandb.init(project=project or "bnstudy", entity=entity, job_type="report",
                      dir=str(report.out.resolve()), name=f"report-{report.out.name}",
+                     mode=mode if mode in ("online", "offline") else None,
                      config={"runs": [r.id for r in runs], "figures": list(report.figures),
                              "skipped": list(report.skipped)}, reinit="create_new")
     try:

@@ -149,12 +149,13 @@ def test_claims_are_computed_from_the_runs(report, run_root):
     assert any("l1" in n for n in results[4].numbers)
 
 
-def write_run(path: Path, config: dict, norm: str, metrics: dict[str, list[float]]) -> None:
-    """A run directory written by hand: the config of a real run with another norm, and a
-    metrics.csv with the given values at steps 0, 1, 2, ..."""
+def write_run(path: Path, config: dict, norm: str, metrics: dict[str, list[float]],
+              **model_args) -> None:
+    """A run directory written by hand: the config of a real run with another norm (and model
+    arguments), and a metrics.csv with the given values at steps 0, 1, 2, ..."""
     path.mkdir(parents=True)
     cfg = json.loads(json.dumps(config))
-    cfg["model"]["init_args"]["norm"] = norm
+    cfg["model"]["init_args"].update(norm=norm, **model_args)
     (path / "config.yaml").write_text(yaml.safe_dump(cfg))
     n = max(len(v) for v in metrics.values())
     with open(path / "metrics.csv", "w", newline="") as f:
@@ -228,3 +229,28 @@ def test_a_path_without_runs_is_one_error_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err == f"bnstudy report: error: no run directories (config.yaml + metrics.csv) in " \
                   f"{tmp_path / 'nothing*'}"
+
+
+def test_sweep_figures_from_optimizer_and_init_grids(run_root, tmp_path, capsys):
+    """The open-question figures (their grids are too big to fit here): runs written by hand."""
+    config = yaml.safe_load((run_root / "vgg" / "none-0.1" / "config.yaml").read_text())
+    for opt in ("sgd", "adam"):
+        for norm in ("none", "batch"):
+            for lr in (0.01, 0.1):
+                diverged = opt == "adam" and norm == "none" and lr == 0.1
+                metrics = accuracy(0.1 if diverged else 0.5 + lr, [0.1, 0.5])
+                if diverged:
+                    metrics = {**metrics, "train/loss": [2.0, float("nan")], "diverged": [0, 1]}
+                write_run(tmp_path / "opt" / f"{opt}-{norm}-{lr}", config, norm, metrics,
+                          optimizer=opt, lr=lr)
+    for init in ("glorot", "kaiming"):
+        for scale in (0.5, 2.0):
+            write_run(tmp_path / "init" / f"{init}-{scale}", config, "batch",
+                      accuracy(0.3 * scale, [0.1, 0.5]), init=init, init_scale=scale)
+    out = tmp_path / "report"
+    assert main(["report", str(tmp_path / "opt"), str(tmp_path / "init"), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "wrote " + str(out / "q_optimizer.png") + " (8 runs)" in printed
+    assert "wrote " + str(out / "q_init.png") + " (8 runs)" in printed  # + the sgd runs
+    for name in ("q_optimizer", "q_init"):
+        assert (out / f"{name}.png").stat().st_size > 10_000
