@@ -178,19 +178,26 @@ def load_wandb_runs(spec: str) -> list[Run]:
     found = api.sweep(spec).runs if len(parts) == 3 else api.runs("/".join(parts))
     runs = []
     for r in track(list(found), description=f"reading runs of {spec}"):
-        if getattr(r, "job_type", None) == "report":
-            continue
-        series: dict[str, dict[int, float]] = {}
-        for row in r.scan_history():
-            step = row.get("trainer/global_step", row.get("_step"))
-            if step is None:
-                continue
-            for key, value in row.items():
-                if (not key.startswith("_") and key != "trainer/global_step"
-                        and isinstance(value, (int, float)) and not isinstance(value, bool)):
-                    series.setdefault(key, {})[int(step)] = float(value)
-        runs.append(Run(id=r.name or r.id, config=dict(r.config),
-                        metrics={k: sorted(v.items()) for k, v in series.items()}))
+        if getattr(r, "job_type", None) != "report":
+            runs.append(run_from_history(r.name or r.id, dict(r.config), r.scan_history()))
     if not runs:
         raise ValueError(f"no runs in W&B {spec}")
     return runs
+
+
+def run_from_history(run_id: str, config: dict, rows) -> Run:
+    """A Run from a W&B run's config and history rows (dicts). Steps are the trainer's global
+    step that Lightning logs with every row (W&B's own _step counts log calls); media such as
+    histograms are left out."""
+    rows = list(rows)
+    step_key = "trainer/global_step" if any("trainer/global_step" in r for r in rows) else "_step"
+    series: dict[str, dict[int, float]] = {}
+    for row in rows:
+        step = row.get(step_key)
+        if step is None:
+            continue
+        for key, value in row.items():
+            if (not key.startswith("_") and key not in ("trainer/global_step", "epoch")
+                    and isinstance(value, (int, float)) and not isinstance(value, bool)):
+                series.setdefault(key, {})[int(step)] = float(value)
+    return Run(id=run_id, config=config, metrics={k: sorted(v.items()) for k, v in series.items()})

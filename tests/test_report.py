@@ -21,7 +21,7 @@ import wandb_records
 from bnstudy import claims
 from bnstudy.cli import cli_main, main
 from bnstudy.report import FIGURES
-from bnstudy.runs import load_runs
+from bnstudy.runs import load_runs, run_from_history
 from conftest import REPO
 
 pytestmark = [pytest.mark.filterwarnings("ignore:.*does not have many workers"),
@@ -53,6 +53,7 @@ DRAWN = {"fig1_accuracy", "fig1_activations", "fig2_noisy_bn", "fig2_activations
          "fig3_ics_vgg", "fig3_ics_dln", "fig4_landscape_vgg", "fig5_lp_vgg",
          "fig6_activations_lp", "fig8_moment_drift", "fig9_activations_dln",
          "fig10_landscape_dln", "fig11_grad_diff_vs_step", "fig12_landscape_lp_vgg", "q_seeds"}
+WANDB_RUN = "dln/none"  # also logged to W&B (offline files), to read it back as --wandb would
 SKIPPED = {"fig5_lp_dln": "sweeps/fig5_lp_dln.yaml", "fig13_landscape_lp_dln": "dln_l1.yaml",
            "q_optimizer": "sweeps/q_optimizer.yaml", "q_init": "sweeps/q_init_vgg.yaml"}
 
@@ -60,11 +61,17 @@ SKIPPED = {"fig5_lp_dln": "sweeps/fig5_lp_dln.yaml", "fig13_landscape_lp_dln": "
 @pytest.fixture(scope="session")
 def run_root(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("report_runs")
+    import wandb
+
     previous = os.environ.get("WANDB_MODE")
-    os.environ["WANDB_MODE"] = "disabled"  # the fits need no W&B files; the report does
+    os.environ["WANDB_MODE"] = "disabled"  # W&B files cost time: one run has them
     try:
         for name, args in RUNS.items():
-            cli_main(["fit", *args, f"--run_dir={root / name}"])
+            if name != WANDB_RUN:
+                cli_main(["fit", *args, f"--run_dir={root / name}"])
+        wandb.teardown()  # wandb keeps the first run's settings (disabled) until torn down
+        os.environ["WANDB_MODE"] = "offline"
+        cli_main(["fit", *RUNS[WANDB_RUN], f"--run_dir={root / WANDB_RUN}"])
     finally:
         os.environ["WANDB_MODE"] = previous if previous is not None else "offline"
     return root
@@ -254,3 +261,16 @@ def test_sweep_figures_from_optimizer_and_init_grids(run_root, tmp_path, capsys)
     assert "wrote " + str(out / "q_init.png") + " (8 runs)" in printed  # + the sgd runs
     for name in ("q_optimizer", "q_init"):
         assert (out / f"{name}.png").stat().st_size > 10_000
+
+
+def test_a_wandb_history_reads_as_the_run_directory(run_root):
+    """--wandb builds runs from W&B's config and history rows: the same rows in a real fit's
+    offline W&B file give the run that its config.yaml and metrics.csv give."""
+    run_dir = run_root / WANDB_RUN
+    from_wandb = run_from_history(WANDB_RUN, wandb_records.config(run_dir),
+                                  wandb_records.history(run_dir))
+    from_dir = load_runs([run_dir])[0]
+    assert from_wandb.settings == from_dir.settings and from_wandb.kind == "dln"
+    assert from_wandb.metrics == from_dir.metrics
+    assert {"train/loss", "ics/l2/layer09", "landscape/beta_eff", "act/layer11/q50"} \
+        <= set(from_wandb.metrics)
