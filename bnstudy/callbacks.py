@@ -3,6 +3,7 @@ W&B/config bookkeeping."""
 from __future__ import annotations
 
 import contextlib
+import io
 import math
 import os
 import signal
@@ -98,7 +99,8 @@ class StepEndSignals(L.Callback):
     (inside a signal handler it could mix the weights of one step with the counters or loader
     position of another). All DDP ranks act at the same step.
 
-    - SIGTERM / SIGINT: save last.ckpt, stop, and raise Interrupted (exit 128 + signal).
+    - SIGTERM / SIGINT: save last.ckpt, then stop before the next step by raising Interrupted
+      (exit 128 + signal). A signal that comes in the fit's last step lets it finish (exit 0).
       A second SIGINT while the step finishes interrupts at once (KeyboardInterrupt).
     - Slurm's requeue signal (SIGUSR1, with Lightning's SLURM auto-requeue on): Lightning's own
       handler (hpc checkpoint + `scontrol requeue`), run here; the W&B run is marked preempting so
@@ -113,6 +115,7 @@ class StepEndSignals(L.Callback):
     def __init__(self):
         self._lightning_handler, self._requeue_signum = None, None
         self._stop_signum: int | None = None
+        self._stopping: tuple | None = None  # (signal, step, checkpoint) once the stop is decided
         self._requeued = False
         self._previous: dict = {}
 
@@ -165,7 +168,7 @@ class StepEndSignals(L.Callback):
                     logger.experiment.mark_preempting()
             self._lightning_handler(signum, None)
             self._requeued = True
-        if stop:
+        if stop and self._stopping is None:
             signum = self._stop_signum or signal.SIGTERM
             path = None
             if not self._requeued:
@@ -175,7 +178,13 @@ class StepEndSignals(L.Callback):
                     if last._last_global_step_saved != trainer.global_step:
                         last._save_last_checkpoint(trainer, last._monitor_candidates(trainer))
                     path = last.last_model_path
-            raise Interrupted(signum, trainer.global_step, path)
+            # raised when the next step starts: this step's metrics are logged after this hook,
+            # and its scheduled validation runs (a resume does not repeat either)
+            self._stopping = (signum, trainer.global_step, path)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self._stopping is not None:
+            raise Interrupted(*self._stopping)
 
 
 RequeueAtStepEnd = StepEndSignals  # the name of its first version (Slurm requeue only)
@@ -227,12 +236,18 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         path = os.fspath(path)
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         tmp = f"{path}.tmp{os.getpid()}"
+        buffer = io.BytesIO()  # serialized first: torch.save would hide a write's OSError
+        torch.save(checkpoint, buffer)
         try:
             with open(tmp, "wb") as f:
-                torch.save(checkpoint, f)
+                f.write(buffer.getbuffer())
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)
+        except OSError as err:  # named after the checkpoint (a write error has no file name)
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
+            raise OSError(err.errno, err.strerror, path) from err
         except BaseException:
             with contextlib.suppress(OSError):
                 os.remove(tmp)
