@@ -38,6 +38,7 @@ from bnstudy.callbacks import (
     RequeueAtStepEnd,
 )
 from bnstudy.data import DataNotFoundError
+from bnstudy.threads import ThreadsForFit
 
 RUN_DIR_ENV = "BNSTUDY_RUN_DIR"  # shared with child processes (DDP) so every rank agrees
 
@@ -122,6 +123,9 @@ class StudyCLI(LightningCLI):
         parser.add_argument("--run_dir", type=str | None, default=None,
                             help="Directory for all outputs of this run; reusing it resumes. "
                                  "Default: runs/<config>/<time>-<id>.")
+        parser.add_argument("--threads", type=int | None, default=None,
+                            help="torch CPU threads. Default: OMP_NUM_THREADS if set, else the "
+                                 "CPUs this process may use, 1 for tiny models (bnstudy.threads).")
         parser.add_lightning_class_args(DivergenceGuard, "divergence")
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")  # the best checkpoint
         parser.set_defaults({"checkpoint.save_last": False, "checkpoint.monitor": "val/loss",
@@ -165,7 +169,8 @@ class StudyCLI(LightningCLI):
         cfg = self.config_init[self.subcommand] if self.subcommand else self.config_init
         extra = [LearningRateMonitor(logging_interval="step")]
         if self.subcommand == "fit":
-            extra += [ThroughputMonitor(batch_size_fn=_batch_size), RequeueAtStepEnd()]
+            extra += [ThroughputMonitor(batch_size_fn=_batch_size), RequeueAtStepEnd(),
+                      ThreadsForFit(cfg.get("threads"))]
         if cfg.trainer.get("enable_progress_bar") is not False:
             extra.append(RichProgressBar())
         callbacks = list(cfg.trainer.get("callbacks") or []) + extra
