@@ -23,12 +23,7 @@ from pathlib import Path
 from jsonargparse import ArgumentError
 
 import torch
-from lightning.pytorch.callbacks import (
-    LearningRateMonitor,
-    ModelCheckpoint,
-    RichProgressBar,
-    ThroughputMonitor,
-)
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
 from bnstudy.callbacks import (
@@ -36,6 +31,8 @@ from bnstudy.callbacks import (
     LastCheckpoint,
     LoggerSaveConfigCallback,
     RequeueAtStepEnd,
+    StepProgressBar,
+    ThroughputAtLogSteps,
 )
 from bnstudy.data import DataNotFoundError
 from bnstudy.threads import ThreadsForFit
@@ -169,10 +166,10 @@ class StudyCLI(LightningCLI):
         cfg = self.config_init[self.subcommand] if self.subcommand else self.config_init
         extra = [LearningRateMonitor(logging_interval="step")]
         if self.subcommand == "fit":
-            extra += [ThroughputMonitor(batch_size_fn=_batch_size), RequeueAtStepEnd(),
+            extra += [ThroughputAtLogSteps(batch_size_fn=_batch_size), RequeueAtStepEnd(),
                       ThreadsForFit(cfg.get("threads"))]
         if cfg.trainer.get("enable_progress_bar") is not False:
-            extra.append(RichProgressBar())
+            extra.append(StepProgressBar())
         callbacks = list(cfg.trainer.get("callbacks") or []) + extra
         return super().instantiate_trainer(callbacks=callbacks, **kwargs)
 

@@ -282,6 +282,19 @@ class ActivationStats(Probe):
             self._install(step)
         self._step, self._values = step, {}
 
+    def before_optimizer_step(self, step: Step) -> None:
+        if self._step is None or self._values or not self._hooks:
+            return
+        # No hook fired: the training forward ran through torch.compile (model.compile), whose
+        # graph does not call hooks added after it was built. Record in an eager forward of the
+        # step's batch at the same weights W^t (parameters, buffers, noise and RNGs restored).
+        with probes.measuring(step.net), torch.no_grad():
+            step.in_training_forward = True
+            try:
+                step.net(step.inputs)
+            finally:
+                step.in_training_forward = False
+
     def step_end(self, step: Step) -> dict[str, float] | None:
         self._step = None
         names = list(self._values)
