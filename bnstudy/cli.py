@@ -177,7 +177,8 @@ class StudyCLI(LightningCLI):
 def cli_main(args: list[str] | None = None, run: bool = True) -> StudyCLI:
     torch.set_float32_matmul_precision("high")
     for noise in (r".*flops_per_batch.*", r".*isinstance\(treespec, LeafSpec\).*",
-                  r".*does not have many workers.*", r".*srun. command is available.*"):
+                  r".*does not have many workers.*", r".*srun. command is available.*",
+                  r".*overridden `on_after_batch_transfer`.*"):
         warnings.filterwarnings("ignore", message=noise)
     previous_run_dir = os.environ.get(RUN_DIR_ENV)
     try:

@@ -55,6 +55,11 @@ class StudyModule(L.LightningModule):
     # -- fast paths (configs/fast.yaml) ----------------------------------------------------------
     # The net stays the plain nn.Module: probes, checkpoints and DDP see it; only the training
     # step's forward goes through the compiled wrapper, which shares its parameters and buffers.
+    @property
+    def compiles_training_forward(self) -> bool:
+        """The training step's forward runs through torch.compile (instruments read this)."""
+        return bool(self.hparams.get("compile"))
+
     def _fast_net(self) -> nn.Module:
         if not self.hparams.get("compile"):
             return self.net
