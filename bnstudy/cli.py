@@ -235,6 +235,10 @@ def main(argv: list[str] | None = None) -> int:
         from bnstudy.plot import main as plot_main
 
         return plot_main(argv[1:])
+    if argv and argv[0] == "findings":
+        from bnstudy.findings import main as findings_main
+
+        return findings_main(argv[1:])
     try:
         cli_main(args)
     except DataNotFoundError as err:  # raised in fit, once the data is looked for
