@@ -924,7 +924,7 @@ def bn_gradient_bound(
     finally:
         for h in hooks:
             h.remove()
-    sums = []
+    sums, sizes = [], []
     for i, n in enumerate(chosen):
         bn = where[n]
         y, gy, gz = _per_unit(seen[n][0]), _per_unit(grads[2 * i]), _per_unit(grads[2 * i + 1])
@@ -945,10 +945,11 @@ def bn_gradient_bound(
         holds_m = (lhs <= rhs_m + slack).double().mean()
         sums.append(torch.stack([lhs.sum(), rhs_printed.sum(), rhs_m.sum(), rhs_exact.sum(),
                                  holds_p, holds_m]))
+        sizes.append(m)
     if sync and sums:
         sums = _all_mean(sums)
     out = {}
-    for n, s in zip(chosen, sums):
+    for n, m, s in zip(chosen, sizes, sums):
         lhs, rp, rm, re, hp, hm = (float(v) for v in s)
         out[n] = {"m": m, "lhs": lhs, "rhs_printed": rp, "rhs_rederived": rm, "rhs_exact": re,
                   "ratio_printed": lhs / rp if rp != 0 else float("nan"),

@@ -194,3 +194,14 @@ def test_theorem_4_1_both_sides_equal_the_closed_form(eps):
         assert lhs == pytest.approx(rhs_m, rel=1e-12)
     else:
         assert r["ratio_rederived"] < 1 - 1e-4
+
+
+def test_theorem_4_1_on_conv_layers_counts_positions_as_samples():
+    """BatchNorm2d: a unit's m samples are batch x height x width; the exact identity holds."""
+    model, loss_fn, x, y = conv_bn()
+    result = probes.bn_gradient_bound(model, loss_fn, x, y)
+    assert list(result) == ["0", "3"]
+    assert [r["m"] for r in result.values()] == [16 * 4 * 4, 16 * 2 * 2]
+    for r in result.values():
+        assert r["ratio_exact"] == pytest.approx(1, rel=1e-5)
+        assert r["holds_rederived"] == 1 and r["holds_printed"] < 1
