@@ -43,10 +43,12 @@ def test_findings_driver_with_a_tiny_budget(tmp_path):
         assert (out / name).stat().st_size > 1000
 
 
-def test_bad_part_is_a_one_line_error():
-    proc = subprocess.run([sys.executable, "-m", "bnstudy", "findings", "--only", "nope"],
-                          cwd=REPO, capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 2 and "invalid choice: 'nope'" in proc.stderr
+def test_bad_part_is_a_one_line_error(capsys):
+    from bnstudy.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["findings", "--only", "nope"])
+    assert exit_.value.code == 2 and "invalid choice: 'nope'" in capsys.readouterr().err
 
 
 def test_matched_accuracy_picks_the_first_measurement_at_the_level():
