@@ -320,19 +320,52 @@ class CIFAR10Data(L.LightningDataModule):
 class DigitsData(L.LightningDataModule):
     """scikit-learn's 8x8 digits (1797 images, ships with scikit-learn, no download): a stratified
     80/20 train/test split fixed by `seed`, pixels scaled to [0, 1] and then standardized with the
-    mean and std of the training pixels. Validation and test use the held-out 20%."""
+    mean and std of the training pixels. Validation and test use the held-out 20%.
+
+    Args:
+        batch_size: training batch size.
+        seed: the train/test split and the shuffling.
+        image_size: side of the images the model sees. 8 keeps the digits as they are; a larger
+            size upscales them (`upscale` interpolation) before standardizing. 32 with
+            channels=3 gives a CIFAR-shaped stand-in on which VGG-16 has the paper's geometry: five
+            2x2 pools take 32x32 down to 1x1. On 8x8 the VGG skips its last two pools and its
+            last convs run on 1x1 maps, where a 3x3 kernel has one live tap in nine.
+        channels: 1 (gray) or 3 (the gray image repeated, like a colour image).
+        upscale: interpolation for image_size > 8: "bilinear" (smooth strokes) or "nearest"
+            (blocky copies of the 8x8 pixels).
+    """
 
     num_classes = 10
-    in_channels = 1
-    image_size = 8
+    SIZE = 8  # the images as scikit-learn ships them
+    UPSCALE_MODES = ("bilinear", "nearest")
 
-    def __init__(self, batch_size: int = 64, seed: int = 0):
+    def __init__(self, batch_size: int = 64, seed: int = 0, image_size: int = 8, channels: int = 1,
+                 upscale: str = "bilinear"):
         super().__init__()
         _check_positive("data.batch_size", batch_size)
+        if image_size < self.SIZE:
+            raise ValueError(f"data.image_size must be >= {self.SIZE} (the digits are "
+                             f"{self.SIZE}x{self.SIZE}); got {image_size}")
+        if channels not in (1, 3):
+            raise ValueError(f"data.channels must be 1 or 3; got {channels}")
+        if upscale not in self.UPSCALE_MODES:
+            raise ValueError(f"data.upscale must be one of {', '.join(self.UPSCALE_MODES)}; "
+                             f"got {upscale!r}")
         self.save_hyperparameters()
         self.batch_size, self.seed = batch_size, seed
+        self.image_size, self.in_channels, self.upscale = image_size, channels, upscale
         self.train_set: Optional[tuple[torch.Tensor, torch.Tensor]] = None
         self.test_set: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+
+    def _resize(self, x: np.ndarray) -> torch.Tensor:
+        """(N, 8, 8) in [0, 1] -> (N, channels, image_size, image_size)."""
+        t = torch.from_numpy(x).unsqueeze(1)
+        if self.image_size != self.SIZE:
+            size = (self.image_size, self.image_size)
+            t = (torch.nn.functional.interpolate(t, size=size, mode="bilinear", align_corners=False)
+                 if self.upscale == "bilinear" else
+                 torch.nn.functional.interpolate(t, size=size, mode="nearest"))
+        return t.expand(-1, self.in_channels, -1, -1).contiguous()
 
     def setup(self, stage: Optional[str] = None) -> None:
         if self.train_set is not None:
@@ -343,9 +376,9 @@ class DigitsData(L.LightningDataModule):
         x = digits.images.astype(np.float32) / 16.0  # pixel values are 0..16
         x_tr, x_te, y_tr, y_te = train_test_split(x, digits.target, test_size=0.2,
                                                   stratify=digits.target, random_state=self.seed)
-        mean, std = x_tr.mean(), x_tr.std()
-        as_tensors = lambda x_, y_: (torch.from_numpy((x_ - mean) / std).unsqueeze(1),
-                                     torch.from_numpy(y_).long())
+        x_tr, x_te = self._resize(x_tr), self._resize(x_te)
+        mean, std = x_tr.numpy().mean(), x_tr.numpy().std()  # numpy: population std, as before
+        as_tensors = lambda x_, y_: ((x_ - float(mean)) / float(std), torch.from_numpy(y_).long())
         self.train_set, self.test_set = as_tensors(x_tr, y_tr), as_tensors(x_te, y_te)
 
     def train_dataloader(self):

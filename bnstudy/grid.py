@@ -99,19 +99,63 @@ def grid_lines(sweep: dict) -> list[str]:
     return [shlex.join(agent_command(sweep, params)[2:]) for params in expand(sweep)]
 
 
+def check_lines(lines: list[str], extra: list[str] = ()) -> None:
+    """Parse every run's command (plus the extra arguments every run gets) with bnstudy's own CLI
+    parser, running nothing: a key the CLI does not know, or a bad value, fails here, naming the
+    run, instead of in every array task on the cluster. One parser serves all runs."""
+    from jsonargparse import ArgumentError
+
+    from bnstudy.cli import LIGHTNING, summarize_config_error
+    from bnstudy.lightning_cli import parse_only
+
+    cli = None
+    for i, line in enumerate(lines):
+        argv = shlex.split(line)
+        if argv[:2] == ["-m", "bnstudy"]:
+            argv = argv[2:]
+        if not argv or argv[0] not in LIGHTNING:
+            raise SweepError(f"run {i}: not a bnstudy fit/validate/test command: {line}")
+        try:
+            if cli is None:
+                cli = parse_only(argv + list(extra))
+            else:
+                cli.parser.parse_args(argv + list(extra))
+        except (ArgumentError, ValueError, TypeError) as err:
+            raise SweepError(f"run {i} ({line}): {summarize_config_error(str(err))}") from None
+
+
 def main(argv: list[str]) -> int:
+    extra: list[str] = []
+    if "--" in argv:  # arguments every run gets (slurm/grid.sh's extra args): checked, not written
+        argv, extra = argv[:argv.index("--")], argv[argv.index("--") + 1:]
     parser = argparse.ArgumentParser(
-        prog="python -m bnstudy grid",
+        prog="bnstudy grid",
         description="Expand a W&B grid sweep into one line of CLI arguments per run "
-                    "(slurm/grid.sh runs line i as array task i).")
-    parser.add_argument("sweep", help="sweep YAML (method: grid)")
+                    "(slurm/grid.sh runs line i as array task i). Every run's command is parsed "
+                    "with bnstudy's CLI first (nothing runs): an unknown key or a bad value "
+                    "fails here, naming the run.",
+        epilog="Arguments after -- are added to every run for the check (as slurm/grid.sh "
+               "passes them), not written.")
+    parser.add_argument("sweep", help="sweep YAML (method: grid), or with --check a grid file")
     parser.add_argument("--out", help="file to write (default: stdout)")
+    parser.add_argument("--check", action="store_true",
+                        help="SWEEP is a grid file (one command per line): only check it")
+    parser.add_argument("--no-check", dest="no_check", action="store_true",
+                        help="skip parsing the commands (faster; for a quick look)")
     args = parser.parse_args(argv)
     try:
-        lines = grid_lines(load_sweep(args.sweep))
+        if args.check:
+            lines = [line for line in Path(args.sweep).read_text().splitlines() if line.strip()]
+        else:
+            lines = grid_lines(load_sweep(args.sweep))
+        if not args.no_check:
+            check_lines(lines, extra)
     except (OSError, SweepError, yaml.YAMLError) as err:
-        print(f"bnstudy grid: {err}", file=sys.stderr)
+        print(f"bnstudy grid: error: {err}", file=sys.stderr)
         return 2
+    if args.check:
+        print(f"bnstudy grid: {len(lines)} runs parse", file=sys.stderr)
+        return 0
     text = "".join(line + "\n" for line in lines)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -1,6 +1,6 @@
 """The two networks of the paper as plain nn.Modules (no Lightning): VGG and the deep linear network.
 
-Layer numbering follows PROTOCOL.md: layer i is the i-th Conv/Linear module in forward order.
+Layer numbering follows docs/protocol.md: layer i is the i-th Conv/Linear module in forward order.
 """
 from __future__ import annotations
 
@@ -93,7 +93,7 @@ class VGG(nn.Module):
 class DeepLinear(nn.Module):
     """Deep linear network: `depth` fully connected `width` x `width` layers, no non-linearity.
 
-    With a norm, it follows every layer but the last (PROTOCOL section 7 default).
+    With a norm, it follows every layer but the last (docs/protocol.md section 7 default).
     """
 
     def __init__(

@@ -1,6 +1,6 @@
 """Normalization layers compared in the study, and one factory that builds any of them.
 
-Kinds (PROTOCOL.md sections 4 and 5):
+Kinds (docs/protocol.md sections 4 and 5):
   none         identity
   batch        torch BatchNorm (batch statistics in train mode, running statistics in eval)
   noisy_batch  BatchNorm followed by BatchNoise (algorithm 1 of the paper)

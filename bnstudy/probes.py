@@ -1,6 +1,6 @@
 """The study's measurements as plain PyTorch: point them at any nn.Module (no Lightning needed).
 
-Definitions (PROTOCOL.md section 3):
+Definitions (docs/protocol.md section 3):
   layer i      the i-th Conv/Linear module in forward order, named by its module path
   ics          G  = dL/dW_i at (W_1^t .. W_k^t),
                G' = dL/dW_i at (W_1^{t+1} .. W_{i-1}^{t+1}, W_i^t .. W_k^t), same batch;

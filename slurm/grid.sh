@@ -48,9 +48,12 @@ if [ -z "${SLURM_JOB_ID:-}" ]; then
     export BNSTUDY_RUNS=${BNSTUDY_RUNS:-$BNSTUDY_REPO/runs/grid/$name}
     mkdir -p "$BNSTUDY_RUNS"
     grid=$BNSTUDY_RUNS/grid.txt
+    # every run's command (with the extra args) is parsed by bnstudy's CLI before submitting:
+    # an unknown key fails here in one line instead of in every array task
     case "$spec" in
-        *.yaml|*.yml) (cd "$BNSTUDY_REPO" && "$BNSTUDY_PYTHON" -m bnstudy grid "$spec" --out "$grid") ;;
-        *) [ "$spec" = "$grid" ] || cp "$spec" "$grid" ;;
+        *.yaml|*.yml) (cd "$BNSTUDY_REPO" && "$BNSTUDY_PYTHON" -m bnstudy grid "$spec" --out "$grid" -- "$@") ;;
+        *) (cd "$BNSTUDY_REPO" && "$BNSTUDY_PYTHON" -m bnstudy grid --check "$spec" -- "$@")
+           [ "$spec" = "$grid" ] || cp "$spec" "$grid" ;;
     esac
     n=$(grep -c . "$grid")
     cd "$BNSTUDY_REPO"
@@ -72,7 +75,7 @@ cd "$BNSTUDY_REPO"
 
 i=$SLURM_ARRAY_TASK_ID
 case "$spec" in
-    *.yaml|*.yml) line=$("$BNSTUDY_PYTHON" -m bnstudy grid "$spec" | sed -n "$((i + 1))p") ;;
+    *.yaml|*.yml) line=$("$BNSTUDY_PYTHON" -m bnstudy grid --no-check "$spec" | sed -n "$((i + 1))p") ;;
     *) line=$(sed -n "$((i + 1))p" "$spec") ;;
 esac
 [ -n "$line" ] || { echo "grid $spec has no line $i (array larger than the grid?)" >&2; exit 2; }

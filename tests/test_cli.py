@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +13,7 @@ import pytest
 import torch
 import yaml
 
-from bnstudy.cli import cli_main, main
+from bnstudy.cli import StudyCLI, cli_main, main
 import wandb_records
 from conftest import REPO
 
@@ -60,6 +61,38 @@ def test_all_paper_configs_exist():
     want = {f"{a}{b}.yaml" for a in ("vgg", "dln")
             for b in ("", "_bn", "_noisy_bn", "_l1", "_l2", "_linf")} | {"quickstart.yaml"}
     assert want <= set(CONFIGS)
+
+
+class ParseOnlyCLI(StudyCLI):
+    """The CLI up to and including parsing; builds nothing."""
+
+    def before_instantiate_classes(self) -> None:
+        pass
+
+    def instantiate_classes(self) -> None:
+        pass
+
+    def _run_subcommand(self, subcommand) -> None:
+        pass
+
+
+def test_one_shared_logger_and_instruments_block_feeds_every_config(tmp_path):
+    """configs/common/*.yaml hold the loggers and the paper's instruments once: an edit there
+    reaches every paper config (the quickstart keeps its own smaller instruments)."""
+    configs = tmp_path / "configs"
+    shutil.copytree(REPO / "configs", configs)
+    for name in ("instruments_vgg.yaml", "instruments_dln.yaml"):  # the ICS probe comes first
+        path = configs / "common" / name
+        path.write_text(path.read_text().replace("every: 100, log_spaced", "every: 7, log_spaced", 1))
+    path = configs / "common" / "loggers.yaml"
+    path.write_text(path.read_text().replace("project: bnstudy", "project: edited"))
+    for config in CONFIGS:
+        cfg = ParseOnlyCLI(args=["fit", "--config", str(configs / config)]).config["fit"]
+        assert [lg.init_args.project for lg in cfg.trainer.logger[:1]] == ["edited"], config
+        assert cfg.trainer.logger[1].class_path == "bnstudy.loggers.StudyCSVLogger", config
+        if config != "quickstart.yaml":
+            ics = cfg.trainer.callbacks[0].init_args.probes[0]
+            assert (ics.class_path, ics.init_args.every) == ("bnstudy.instruments.ICS", 7), config
 
 
 @pytest.mark.parametrize("config", CONFIGS)

@@ -17,6 +17,7 @@ from torchvision.datasets import CIFAR10
 
 from bnstudy.data import (CIFAR10_MEAN, CIFAR10_STD, CIFAR10Data, DataNotFoundError, DigitsData,
                           FullBatchLoader, GaussianRegressionData, TensorLoader, random_crop_flip)
+from conftest import REPO
 
 # -- CIFAR-10 in its own format ------------------------------------------------------------------
 PER_TRAIN_BATCH, N_TEST = 4, 6  # 5 train batch files of 4 images, one test file of 6
@@ -191,6 +192,9 @@ def test_cifar_augmentation_pads_black(cifar_root):
     (lambda: CIFAR10Data(batch_size=0), "data.batch_size"),
     (lambda: CIFAR10Data(num_workers=-1), "data.num_workers"),
     (lambda: DigitsData(batch_size=-3), "data.batch_size"),
+    (lambda: DigitsData(image_size=4), "data.image_size"),
+    (lambda: DigitsData(channels=2), "data.channels"),
+    (lambda: DigitsData(upscale="bicubic"), "data.upscale"),
     (lambda: GaussianRegressionData(x_dist="cauchy"), "data.x_dist"),
     (lambda: GaussianRegressionData(dim=0), "data.dim"),
     (lambda: GaussianRegressionData(num_samples=0), "data.num_samples"),
@@ -220,6 +224,51 @@ def test_digits_split_shapes_and_determinism():
     same.setup(), other.setup()
     assert torch.equal(same.test_set[0], xv) and torch.equal(same.test_set[1], yv)
     assert not torch.equal(other.test_set[1], yv)
+
+
+def _bilinear_oracle(img: np.ndarray, size: int) -> np.ndarray:
+    """Half-pixel-centred bilinear resampling written out: output pixel i samples the input at
+    (i + 0.5) * 8 / size - 0.5, clamped to the border, separably along rows and columns."""
+    src = np.clip((np.arange(size) + 0.5) * img.shape[0] / size - 0.5, 0, img.shape[0] - 1)
+    grid = np.arange(img.shape[0])
+    rows = np.stack([np.interp(src, grid, img[:, j]) for j in range(img.shape[1])], axis=1)
+    return np.stack([np.interp(src, grid, rows[i]) for i in range(size)])
+
+
+@pytest.mark.parametrize("upscale", ["bilinear", "nearest"])
+def test_digits_upscaled_to_a_cifar_shaped_stand_in(upscale):
+    small, big = DigitsData(seed=0), DigitsData(seed=0, image_size=32, channels=3, upscale=upscale)
+    assert (big.in_channels, big.image_size) == (3, 32)
+    small.setup(), big.setup()
+    (xs, ys), (xb, yb) = small.train_set, big.train_set
+    assert xb.shape == (1437, 3, 32, 32) and big.test_set[0].shape == (360, 3, 32, 32)
+    assert torch.equal(ys, yb)  # the same split, the same order
+    assert torch.equal(xb[:, 0], xb[:, 1]) and torch.equal(xb[:, 0], xb[:, 2])  # gray in 3 channels
+    assert abs(float(xb.mean())) < 1e-5 and abs(float(xb.std()) - 1) < 1e-3  # standardized again
+    # undo both standardizations (each is affine), then compare with the upscaled raw pixels
+    raw = lambda x: (x - x.mean()) / x.std()
+    for i in (0, 7):
+        img = xs[i, 0].double().numpy()
+        want = np.repeat(np.repeat(img, 4, 0), 4, 1) if upscale == "nearest" \
+            else _bilinear_oracle(img, 32)
+        np.testing.assert_allclose(raw(xb[i, 0].double().numpy()), raw(want), atol=1e-5)
+
+
+def test_vgg16_on_32x32_digits_has_the_papers_five_pools(in_tmp):
+    """On 8x8 digits VGG-16 keeps 3 of its 5 pools and its last six convs see 1x1 maps; on the
+    32x32 stand-in all five pools run and the classifier sees 1x1 maps, as on CIFAR-10."""
+    from bnstudy.cli import cli_main
+
+    def net(*data_args):
+        cli = cli_main(["--config", str(REPO / "configs" / "vgg_bn.yaml"), "--model.width=0.0625",
+                        "--data=bnstudy.data.DigitsData", *data_args], run=False)
+        return cli.model.net
+
+    small, big = net(), net("--data.image_size=32", "--data.channels=3")
+    pools = lambda m: sum(isinstance(x, torch.nn.MaxPool2d) for x in m.modules())
+    assert (pools(small), pools(big)) == (3, 5)
+    assert big.features[0].in_channels == 3 and big.classifier.in_features == 32  # 512/16 x 1 x 1
+    assert big(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
 
 
 # -- the DLN's Gaussian data ---------------------------------------------------------------------
