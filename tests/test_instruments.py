@@ -302,8 +302,10 @@ def test_paper_configs_carry_the_instruments(config, in_tmp):
     repo = Path(__file__).resolve().parents[1]
     cli = cli_main(["--config", str(repo / "configs" / config)], run=False)
     inst = next(c for c in cli.trainer.callbacks if isinstance(c, Instruments))
-    assert [type(p) for p in inst.probes] == [ICS, Landscape, RandomLandscape, ActivationStats]
-    ics, land, rand, act = inst.probes
+    paper = [ICS, Landscape, RandomLandscape, ActivationStats]
+    extra = [Curvature] if config.startswith("dln") else []  # the edge-of-stability figure
+    assert [type(p) for p in inst.probes] == paper + extra
+    ics, land, rand, act = inst.probes[:4]
     assert (ics.every, ics.log_spaced, rand.every, act.every) == (100, True, 500, 50)
     names = probes.layer_names(cli.model.net, example_input(cli.model.net))
     if config.startswith("vgg"):
