@@ -449,12 +449,76 @@ def run(out: Path, budget: str = "mini", only: list[str] | None = None) -> dict:
     return found
 
 
+def _fmt(v) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.3g}"
+    return str(v)
+
+
+def tables(found: dict) -> str:
+    """Markdown tables of a findings.json (what docs/FINDINGS.md quotes)."""
+    out = []
+    cols = ("final_loss", "train_acc", "test_acc", "lambda_max_median", "lambda_max_last",
+            "beta_eff_median", "beta_eff_last")
+    for part in ("eos", "optimizer", "init", "smoother"):
+        if part not in found:
+            continue
+        out.append(f"### {part}\n\n| run | " + " | ".join(cols) + " |\n|" + " --- |" * (len(cols) + 1))
+        for name, row in found[part]["runs"].items():
+            out.append(f"| {name} | " + " | ".join(_fmt(row.get(c)) for c in cols) + " |")
+        if part == "smoother":
+            out.append(f"\nmatched at running train accuracy >= {found[part]['matched_acc']}:\n\n"
+                       "| run | step | lambda_max | beta_eff |\n| --- | --- | --- | --- |")
+            for name, m in sorted(found[part]["matched"].items(),
+                                  key=lambda kv: (kv[1]["lambda_max"] is None,
+                                                  kv[1]["lambda_max"] or 0)):
+                out.append(f"| {name} | {_fmt(m['step'])} | {_fmt(m['lambda_max'])} | "
+                           f"{_fmt(m['beta_eff'])} |")
+        if part == "eos" and found[part].get("theorem41"):
+            out.append("\nTheorem 4.1 (min / max over measured steps and BN layers):\n\n"
+                       "| run | lhs/rhs printed | lhs/rhs 1/m | units holding, printed | "
+                       "units holding, 1/m |\n| --- | --- | --- | --- | --- |")
+            for name, t in found[part]["theorem41"].items():
+                out.append(f"| {name} | " + " | ".join(
+                    f"{_fmt(t[k]['min'])} / {_fmt(t[k]['max'])}" for k in
+                    ("ratio_printed", "ratio_rederived", "holds_printed", "holds_rederived"))
+                    + " |")
+        out.append("")
+    if "generalization" in found:
+        out.append("### generalization\n\n| norm | train acc | test acc | gap (mean, std) |\n"
+                   "| --- | --- | --- | --- |")
+        for norm, row in found["generalization"].items():
+            gap = row["gap"]
+            sd = statistics.stdev(gap) if len(gap) > 1 else 0.0
+            out.append(f"| {norm} | {statistics.mean(row['train_acc']):.4f} | "
+                       f"{statistics.mean(row['test_acc']):.4f} | "
+                       f"{statistics.mean(gap):.4f} +- {sd:.4f} (n={len(gap)}) |")
+        out.append("")
+    if "lemma45" in found:
+        out.append("### lemma45\n\n| init | loss BN | loss plain | layers with <W0,W*> > 0 | "
+                   "sum closest / sum dist | BN loss at the plain optimum | BN grad norm there |"
+                   "\n| --- | --- | --- | --- | --- | --- | --- |")
+        for r in found["lemma45"]["rows"]:
+            out.append(f"| {r['init']} x{r['scale']:g} | {_fmt(r['loss_bn'])} | "
+                       f"{_fmt(r['loss_plain'])} | {r['positive_inner']}/{len(r['layers'])} | "
+                       f"{_fmt(r['closest_over_dist'])} | {_fmt(r['bn_loss_at_plain_optimum'])} |"
+                       f" {_fmt(r['bn_grad_norm_at_plain_optimum'])} |")
+    return "\n".join(out)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="bnstudy findings", description=__doc__.split("\n")[2])
     parser.add_argument("--out", default="results/findings", help="output folder")
     parser.add_argument("--budget", choices=list(BUDGETS), default="mini")
     parser.add_argument("--only", nargs="+", choices=PARTS, help="run only these parts")
+    parser.add_argument("--tables", action="store_true",
+                        help="print OUT/findings.json as markdown tables; run nothing")
     args = parser.parse_args(argv)
+    if args.tables:
+        print(tables(json.loads((Path(args.out) / "findings.json").read_text())))
+        return 0
     warnings.filterwarnings("ignore", message=".*(does not have many workers|LeafSpec|srun).*")
     for name in ("lightning.pytorch", "lightning.pytorch.utilities.rank_zero", "lightning.fabric"):
         logging.getLogger(name).setLevel(logging.ERROR)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from bnstudy.findings import matched
+from bnstudy.findings import matched, tables
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -41,6 +41,8 @@ def test_findings_driver_with_a_tiny_budget(tmp_path):
         assert layer["closest"] == pytest.approx(layer["bound"], rel=1e-6, abs=1e-9)
     for name in ("eos.png", "theorem41.png", "lemma45.png"):
         assert (out / name).stat().st_size > 1000
+    md = tables(found)  # what `findings --tables` prints for docs/FINDINGS.md
+    assert "### eos" in md and "| dln lr=1e-06 norm=batch |" in md and "### lemma45" in md
 
 
 def test_bad_part_is_a_one_line_error(capsys):
