@@ -1,12 +1,13 @@
 """The study's instruments during training: one Lightning callback, `Instruments`, drives any
 number of probes, each a small class with a schedule (`ICS`, `Landscape`, `RandomLandscape`,
-`ActivationStats`).
+`ActivationStats`, `Curvature`, `BNGradientBound`).
 
 Where each probe measures, in the training step t (automatic optimization):
   on_train_batch_start      the step's batch is known; activation hooks are armed
   (training_step forward)   ActivationStats records the armed layers' activations
   on_before_optimizer_step  parameters are W^t and .grad is the step's gradient g (DDP-averaged,
                             unclipped): Landscape/RandomLandscape measure here, reusing g;
+                            Curvature and BNGradientBound measure here too (same W^t, batch);
                             ICS snapshots W^t and G
   on_train_batch_end        parameters are W^{t+1}, whatever the optimizer did (momentum, Adam,
                             weight decay): ICS loads W^t, calls probes.ics with W^{t+1}, puts
@@ -18,8 +19,8 @@ follows the same trajectory as one without it, bit for bit.
 
 Values go straight to the trainer's loggers (CSV, W&B) at step t, whatever `log_every_n_steps`
 is, with keys ics/l2/layerNN, ics/cos/layerNN, landscape/..., landscape_random/...,
-act/layerNN/..., and time/<probe> (seconds the probe took in that step). Histograms go only to a
-WandbLogger, when one is attached. layerNN is the paper's 1-based layer number (the NN-th
+act/layerNN/..., curv/..., thm41/<key>/layerNN and time/<probe> (seconds the probe took in
+that step). Histograms go only to a WandbLogger, when one is attached. layerNN is the paper's 1-based layer number (the NN-th
 Conv/Linear module in forward order, `probes.layer_names`), zero-padded to two digits so keys sort:
 module paths can differ between norm variants of one architecture (DLN layer 9 is layers.16 with
 BN, layers.8 without), layer numbers do not, so BN and no-BN curves of one layer share a key.
@@ -349,6 +350,82 @@ class ActivationStats(Probe):
         self._hooks, self._where, self._step = None, None, None
 
 
+class Curvature(Probe):
+    """The true curvature beside landscape/beta_eff: the top Hessian eigenvalue(s) of the
+    training loss over all trainable parameters, at W^t on the step's batch (where and when
+    Landscape measures, so the two compare), by Lanczos on Hessian-vector products warm-started
+    from the previous measurement's vectors (`probes.hessian_eigs`).
+
+    Logs curv/lambda_max, curv/lambda_2 .. curv/lambda_k (k > 1), curv/residual (the largest
+    relative residual ||H u - lambda u|| / |lambda|), curv/hvps (products spent), curv/two_over_lr
+    (2 / lr: full-batch gradient descent on a quadratic diverges once lambda_max exceeds it, the
+    "edge of stability" of Cohen et al. 2021; for momentum or Adam the threshold differs), and
+    with `trace_samples` > 0 the Hutchinson estimate curv/trace and its standard error
+    curv/trace_se."""
+
+    name = "curv"
+
+    def __init__(self, k: int = 1, tol: float = 1e-3, max_iter: int = 50,
+                 trace_samples: int = 0, seed: int = 0, every: int = 100,
+                 log_spaced: bool = True, start: int = 0, stop: int | None = None):
+        super().__init__(every, log_spaced, start, stop)
+        if k < 1:
+            raise ValueError(f"k must be >= 1; got {k}")
+        if trace_samples == 1 or trace_samples < 0:
+            raise ValueError(f"trace_samples must be 0 (off) or >= 2; got {trace_samples}")
+        self.k, self.tol, self.max_iter = k, tol, max_iter
+        self.trace_samples, self.seed = trace_samples, seed
+        self._vectors: list[dict[str, Tensor]] | None = None  # warm start
+
+    def before_optimizer_step(self, step: Step) -> dict[str, float]:
+        seed = self.seed * 1_000_003 + step.index  # the same on every DDP process
+        result = probes.hessian_eigs(step.net, step.loss_fn, step.inputs, step.targets, self.k,
+                                     tol=self.tol, max_iter=self.max_iter, init=self._vectors,
+                                     seed=seed, sync=step.sync)
+        self._vectors = [{n: t.clone() for n, t in v.items()} for v in result["vectors"]]
+        values = result["eigenvalues"]
+        metrics = {"curv/lambda_max": values[0], "curv/residual": result["residual"],
+                   "curv/hvps": float(result["hvps"]), "curv/two_over_lr": 2.0 / step.lr}
+        for i, v in enumerate(values[1:], start=2):
+            metrics[f"curv/lambda_{i}"] = v
+        if self.trace_samples:
+            trace = probes.hessian_trace(step.net, step.loss_fn, step.inputs, step.targets,
+                                         self.trace_samples, seed=seed, sync=step.sync)
+            metrics.update({"curv/trace": trace["trace"], "curv/trace_se": trace["se"]})
+        return metrics
+
+    def teardown(self) -> None:
+        self._vectors = None  # the next fit may train another model
+
+
+class BNGradientBound(Probe):
+    """Theorem 4.1 on live training (`probes.bn_gradient_bound`), for the BatchNorm after each
+    of `layers` (all BN layers if None), at W^t on the step's batch: logs
+    thm41/<key>/layerNN for key in lhs, rhs_printed (last coefficient 1/sqrt(m), as printed),
+    rhs_rederived (1/m), ratio_printed, ratio_rederived (lhs / rhs; <= 1 where the bound holds),
+    holds_printed, holds_rederived (fraction of units where it holds)."""
+
+    name = "thm41"
+    KEYS = ("lhs", "rhs_printed", "rhs_rederived", "ratio_printed", "ratio_rederived",
+            "holds_printed", "holds_rederived")
+
+    def __init__(self, layers: Layers = None, every: int = 100, log_spaced: bool = True,
+                 start: int = 0, stop: int | None = None):
+        super().__init__(every, log_spaced, start, stop)
+        self.layers = None if layers is None else list(layers)
+        self._keys: dict[str, str] | None = None
+
+    def before_optimizer_step(self, step: Step) -> dict[str, float]:
+        result = probes.bn_gradient_bound(step.net, step.loss_fn, step.inputs, step.targets,
+                                          self.layers, sync=step.sync)
+        if self._keys is None:
+            self._keys = layer_keys(step.net, step.inputs)
+        return {f"thm41/{k}/{self._keys[n]}": v[k] for n, v in result.items() for k in self.KEYS}
+
+    def teardown(self) -> None:
+        self._keys = None
+
+
 def _unit_moments(values: list[Tensor], sync: bool) -> tuple[list[Tensor], list[Tensor]]:
     """Mean and (biased) variance of each row, over all processes' rows when `sync`."""
     if not sync:
@@ -491,5 +568,5 @@ class Instruments(Callback):
                     logger.log_metrics(hists, step=step.index)
 
 
-__all__ = ["Instruments", "Probe", "ICS", "Landscape", "RandomLandscape", "ActivationStats", "Step",
-           "layer_key", "layer_keys"]
+__all__ = ["Instruments", "Probe", "ICS", "Landscape", "RandomLandscape", "ActivationStats",
+           "Curvature", "BNGradientBound", "Step", "layer_key", "layer_keys"]

@@ -28,6 +28,7 @@ the model per layer or step size); tests and bench/bench_probes.py check the fas
 from __future__ import annotations
 
 import copy
+import math
 import random
 from contextlib import contextmanager
 from typing import Callable, Iterator, Mapping, Sequence
@@ -585,3 +586,374 @@ def landscape_bruteforce(model: nn.Module, loss_fn: LossFn, inputs: Tensor, targ
             "loss_min": min(losses), "loss_max": max(losses), "grad_diff_min": min(diffs),
             "grad_diff_max": max(diffs), "beta_eff": max(betas),
             "grad_norm": _norm(list(g.values())), "direction_norm": d_norm}
+
+
+# --------------------------------------------------------------------------------------------
+# Curvature: the Hessian of the loss over all trainable parameters, through Hessian-vector
+# products (double backward). Vectors are lists of tensors shaped like the parameters.
+# --------------------------------------------------------------------------------------------
+class _HVP:
+    """H v at the model's current parameters on one batch: the gradient graph is built once
+    (create_graph) and each product is one backward through it. Counts the products."""
+
+    def __init__(self, model: nn.Module, loss_fn: LossFn, inputs: Tensor, targets: Tensor,
+                 params: list[Tensor], sync: bool):
+        self.params, self.sync, self.count = params, sync, 0
+        loss = loss_fn(model(inputs), targets)
+        grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
+        # a parameter the loss does not use has a zero gradient and a zero Hessian block
+        self.used = [p for p, g in zip(params, grads) if g is not None]
+        self.grads = [g for g in grads if g is not None]
+
+    def __call__(self, v: list[Tensor]) -> list[Tensor]:
+        self.count += 1
+        by_param = dict(zip(map(id, self.params), v))
+        hv_used = dict(zip(map(id, self.used), torch.autograd.grad(
+            self.grads, self.used, [by_param[id(p)].to(p.dtype) for p in self.used],
+            retain_graph=True))) if self.used else {}
+        hv = _widen([hv_used[id(p)].detach() if id(p) in hv_used else torch.zeros_like(p)
+                     for p in self.params])
+        return _all_mean(hv) if self.sync else list(hv)
+
+
+def _dot(a: Sequence[Tensor], b: Sequence[Tensor]) -> float:
+    return float(sum(float(torch.vdot(x.reshape(-1).double(), y.reshape(-1).double()))
+                     for x, y in zip(a, b)))
+
+
+def _axpy(alpha: float, x: Sequence[Tensor], y: list[Tensor]) -> None:
+    """y += alpha x, in place."""
+    torch._foreach_add_(y, list(x), alpha=alpha)
+
+
+def _scaled(x: Sequence[Tensor], alpha: float) -> list[Tensor]:
+    return list(torch._foreach_mul(list(x), alpha))
+
+
+def _random_vector(params: Sequence[Tensor], gen: torch.Generator, rademacher: bool = False
+                   ) -> list[Tensor]:
+    """Gaussian (or Rademacher +-1) entries from a private CPU generator: the global RNG is
+    untouched and every process draws the same vector."""
+    out = []
+    for p in params:
+        if rademacher:
+            t = torch.randint(0, 2, p.shape, generator=gen).mul_(2).sub_(1)
+        else:
+            t = torch.randn(p.shape, generator=gen)
+        out.append(_wide(t.to(p.device, p.dtype)))
+    return out
+
+
+def _lanczos(hvp: Callable[[list[Tensor]], list[Tensor]], start: list[Tensor], k: int, tol: float,
+             max_iter: int, gen: torch.Generator) -> tuple[np.ndarray, list[list[Tensor]], float]:
+    """Top-k (largest algebraic) eigenpairs by Lanczos with full reorthogonalization, stopped when
+    each of the k Ritz pairs has residual ||H u - theta u|| = |beta_m s_mi| <= tol |theta| (the
+    Lanczos residual identity). Returns eigenvalues (descending), their vectors and the largest
+    relative residual."""
+    n = sum(t.numel() for t in start)
+    basis: list[list[Tensor]] = []
+    alphas: list[float] = []
+    betas: list[float] = []  # betas[j]: coupling of basis j and j + 1
+    q = start
+    norm = math.sqrt(_dot(q, q))
+    q = _scaled(q, 1.0 / norm)
+    theta, s, worst = None, None, float("inf")
+    for j in range(min(max_iter, n)):
+        basis.append(q)
+        w = hvp(q)
+        alpha = _dot(w, q)
+        alphas.append(alpha)
+        _axpy(-alpha, q, w)
+        if j > 0:
+            _axpy(-betas[j - 1], basis[j - 1], w)
+        for _ in range(2):  # full reorthogonalization, twice is enough (Parlett)
+            for b in basis:
+                _axpy(-_dot(w, b), b, w)
+        beta = math.sqrt(max(_dot(w, w), 0.0))
+        t = np.diag(alphas) + np.diag(betas, 1) + np.diag(betas, -1)
+        evals, evecs = np.linalg.eigh(t)
+        order = np.argsort(evals)[::-1][:k]
+        theta, s = evals[order], evecs[:, order]
+        residual = np.abs(beta * s[-1, :])
+        scale = np.maximum(np.abs(theta), 1e-30)
+        worst = float(np.max(residual / scale)) if len(theta) >= min(k, n) else float("inf")
+        if len(theta) >= min(k, n) and worst <= tol:
+            break
+        if j + 1 == min(max_iter, n):
+            break
+        if beta <= 1e-10 * max(1.0, float(np.max(np.abs(evals)))):
+            # an invariant subspace: go on from a fresh random vector orthogonal to it
+            w = _random_vector(q, gen)
+            for _ in range(2):
+                for b in basis:
+                    _axpy(-_dot(w, b), b, w)
+            beta_next = 0.0
+            w_norm = math.sqrt(_dot(w, w))
+            q = _scaled(w, 1.0 / w_norm)
+        else:
+            beta_next = beta
+            q = _scaled(w, 1.0 / beta)
+        betas.append(beta_next)
+    vectors = []
+    for i in range(len(theta)):
+        u = [torch.zeros_like(t) for t in start]
+        for coef, b in zip(s[:, i], basis):
+            _axpy(float(coef), b, u)
+        vectors.append(u)
+    return np.asarray(theta), vectors, worst
+
+
+def _power(hvp: Callable[[list[Tensor]], list[Tensor]], start: list[Tensor], tol: float,
+           max_iter: int) -> tuple[float, list[Tensor], float]:
+    """Power iteration as PyHessian runs it (largest |eigenvalue|), stopped when the eigenvalue
+    estimate changes by <= tol relative; also returns the final relative residual."""
+    v = _scaled(start, 1.0 / math.sqrt(_dot(start, start)))
+    eig, hv = None, hvp(v)
+    for _ in range(max_iter):
+        new = _dot(hv, v)
+        v = _scaled(hv, 1.0 / math.sqrt(_dot(hv, hv)))
+        hv = hvp(v)
+        if eig is not None and abs(new - eig) <= tol * abs(eig):
+            eig = new
+            break
+        eig = new
+    eig = _dot(hv, v)
+    res = list(hv)
+    _axpy(-eig, v, res)
+    return eig, v, math.sqrt(_dot(res, res)) / max(abs(eig), 1e-30)
+
+
+def hessian_eigs(
+    model: nn.Module,
+    loss_fn: LossFn,
+    inputs: Tensor,
+    targets: Tensor,
+    k: int = 1,
+    *,
+    tol: float = 1e-3,
+    max_iter: int = 100,
+    init: Sequence[Mapping[str, Tensor]] | Mapping[str, Tensor] | None = None,
+    method: str = "lanczos",
+    seed: int = 0,
+    sync: bool | None = None,
+) -> dict:
+    """The k largest (algebraic) eigenvalues of the Hessian of the loss over all trainable
+    parameters, at the model's parameters on this batch (train mode, batch statistics).
+
+    method "lanczos" (default): Lanczos with full reorthogonalization, stopped when every Ritz
+    pair has relative residual ||H u - theta u|| / |theta| <= tol (the eigenvalue itself is then
+    far more accurate: its error is about residual^2 / gap). `init` warm-starts it: the vectors
+    of a previous call (parameter name -> tensor; their sum starts the Krylov space), else a
+    Gaussian vector from `seed`. method "power": cold power iteration as PyHessian runs it (k=1
+    only, largest |eigenvalue|), stopped when the estimate changes by <= tol relative.
+
+    Returns eigenvalues (descending), vectors (one {name: tensor} per eigenvalue, unit norm over
+    all parameters), hvps (Hessian-vector products spent) and residual (largest relative one).
+    """
+    if k < 1:
+        raise ValueError(f"k must be >= 1; got {k}")
+    if method not in ("lanczos", "power"):
+        raise ValueError(f"method must be 'lanczos' or 'power'; got {method!r}")
+    if method == "power" and k != 1:
+        raise ValueError("method 'power' finds one eigenvalue; use k=1")
+    sync = _sync_default(sync)
+    gen = torch.Generator().manual_seed(seed)
+    with measuring(model) as state:
+        names = [n for n, p in state.params.items() if p.requires_grad]
+        params = [state.params[n] for n in names]
+        hvp = _HVP(model, loss_fn, inputs, targets, params, sync)
+        start = _random_vector(params, gen)
+        if init:
+            inits = [init] if isinstance(init, Mapping) else list(init)
+            warm = [torch.zeros_like(t) for t in start]
+            for vec in inits:
+                _axpy(1.0, [_wide(vec[n].detach().to(t.device)) for n, t in zip(names, warm)],
+                      warm)
+            if _dot(warm, warm) > 0:
+                start = warm
+        if method == "lanczos":
+            evals, vecs, residual = _lanczos(hvp, start, k, tol, max_iter, gen)
+            evals = [float(e) for e in evals]
+        else:
+            e, v, residual = _power(hvp, start, tol, max_iter)
+            evals, vecs = [e], [v]
+        del hvp.grads  # free the double-backward graph before leaving
+    return {"eigenvalues": evals,
+            "vectors": [dict(zip(names, [t.detach() for t in v])) for v in vecs],
+            "hvps": hvp.count, "residual": residual}
+
+
+def hessian_trace(
+    model: nn.Module,
+    loss_fn: LossFn,
+    inputs: Tensor,
+    targets: Tensor,
+    samples: int = 32,
+    *,
+    seed: int = 0,
+    sync: bool | None = None,
+) -> dict:
+    """Hutchinson's estimate of the Hessian trace: the mean of z^T H z over `samples` Rademacher
+    vectors z (a private generator from `seed`: the global RNG is untouched, every process draws
+    the same z). Returns trace, se (its standard error: the sample std over sqrt(samples); 0 for
+    a diagonal Hessian, where every z^T H z is the trace), samples and hvps."""
+    if samples < 2:
+        raise ValueError(f"samples must be >= 2 (for a standard error); got {samples}")
+    sync = _sync_default(sync)
+    gen = torch.Generator().manual_seed(seed)
+    with measuring(model) as state:
+        params = [p for p in state.params.values() if p.requires_grad]
+        hvp = _HVP(model, loss_fn, inputs, targets, params, sync)
+        values = []
+        for _ in range(samples):
+            z = _random_vector(params, gen, rademacher=True)
+            values.append(_dot(z, hvp(z)))
+        del hvp.grads
+    v = np.asarray(values)
+    return {"trace": float(v.mean()), "se": float(v.std(ddof=1) / math.sqrt(samples)),
+            "samples": samples, "hvps": hvp.count}
+
+
+def hessian_dense(model: nn.Module, loss_fn: LossFn, inputs: Tensor, targets: Tensor
+                  ) -> tuple[Tensor, list[str]]:
+    """The full Hessian in float64 over the flattened trainable parameters (in named_parameters
+    order), by torch.autograd.functional.hessian on a float64 deep copy in train mode through
+    torch.func.functional_call: the twin of hessian_eigs/hessian_trace for small models."""
+    twin = copy.deepcopy(model).double().train()
+    names = [n for n, p in twin.named_parameters() if p.requires_grad]
+    shapes = [twin.get_parameter(n).shape for n in names]
+    flat = torch.cat([twin.get_parameter(n).detach().reshape(-1) for n in names])
+    buffers = {n: b.clone() for n, b in twin.named_buffers()}
+    x = inputs.double() if inputs.is_floating_point() else inputs
+    t = targets.double() if targets.is_floating_point() else targets
+
+    def loss(w: Tensor) -> Tensor:
+        params, i = {}, 0
+        for n, shape in zip(names, shapes):
+            size = math.prod(shape)
+            params[n] = w[i:i + size].view(shape)
+            i += size
+        out = torch.func.functional_call(twin, {**params, **{n: b.clone() for n, b in
+                                                             buffers.items()}}, (x,))
+        return loss_fn(out, t)
+
+    return torch.autograd.functional.hessian(loss, flat), names
+
+
+# --------------------------------------------------------------------------------------------
+# Theorem 4.1 on live training: BN's effect on the gradient w.r.t. its input
+# --------------------------------------------------------------------------------------------
+def bn_modules(model: nn.Module, inputs: Tensor) -> dict[str, nn.Module]:
+    """{layer: the BatchNorm module that normalizes its output} for every Conv/Linear layer
+    directly followed (in forward order, through other norm-like modules) by a BatchNorm."""
+    with measuring(model):
+        trace = _Trace(model, inputs)
+    names = _module_names(model)
+    order = trace.leaf_order
+    found: dict[str, nn.Module] = {}
+    for k, m in enumerate(order):
+        if not isinstance(m, WEIGHT_LAYERS) or names[m] in found:
+            continue
+        end = k + 1
+        while end < len(order) and isinstance(order[end], NORM_LIKE):
+            if isinstance(order[end], nn.modules.batchnorm._BatchNorm):
+                found[names[m]] = order[end]
+                break
+            end += 1
+    return found
+
+
+def _per_unit(t: Tensor) -> Tensor:
+    """(batch, units[, positions...]) -> (m, units) in float64: a unit's samples are over the
+    batch and the positions, as BatchNorm normalizes them."""
+    t = t.detach().double()
+    return t.reshape(-1, t.shape[1]) if t.dim() == 2 else t.movedim(1, -1).reshape(-1, t.shape[1])
+
+
+def bn_gradient_bound(
+    model: nn.Module,
+    loss_fn: LossFn,
+    inputs: Tensor,
+    targets: Tensor,
+    layers: Sequence[str | int] | None = None,
+    *,
+    sync: bool | None = None,
+) -> dict[str, dict[str, float]]:
+    """Theorem 4.1 of the paper, both sides, for the BatchNorm after each chosen layer (all that
+    have one if None), on this batch in train mode.
+
+    For unit j with pre-BN activations y_j (m values: batch x positions), its batch std sigma_j
+    (sqrt(var + eps), as the layer computes it), y-hat_j = (y_j - mean) / sigma_j, the BN output
+    z_j = gamma_j y-hat_j + beta_j and g_j = dL/dz_j (the gradient "without BN", seen from after
+    the BN layer, as in the paper's proof):
+      lhs        = ||dL-hat/dy_j||^2
+      rhs(c)     = gamma_j^2 / sigma_j^2 (||g_j||^2 - (1/m) <1, g_j>^2 - c <g_j, y-hat_j>^2)
+      printed: c = 1/sqrt(m);  rederived: c = 1/m.
+    Backprop through BN gives dL-hat/dy_j = gamma_j / sigma_j (g_j - mean(g_j)
+    - y-hat_j mean(g_j y-hat_j)): for eps = 0 (||y-hat_j||^2 = m) that is a projection and
+    lhs = rhs(1/m) exactly; eps > 0 takes (gamma_j^2 / sigma_j^2)(eps / sigma_j^2)(1/m)
+    <g_j, y-hat_j>^2 off lhs (rhs_exact includes it: lhs / rhs_exact = 1 up to rounding), so
+    the 1/m bound holds, with equality at eps = 0. With 1/sqrt(m) > 1/m it fails whenever
+    <g_j, y-hat_j> != 0.
+
+    Returns {layer: {m, lhs, rhs_printed, rhs_rederived, rhs_exact (sums over units),
+    ratio_printed, ratio_rederived, ratio_exact (lhs / rhs), holds_printed, holds_rederived
+    (fraction of units with lhs <= rhs, relative slack 1e-5 for float32 rounding)}}.
+    """
+    sync = _sync_default(sync)
+    where = bn_modules(model, inputs)
+    chosen = select_layers(layer_names(model, inputs), layers)
+    missing = [n for n in chosen if n not in where]
+    if layers is not None and missing:
+        raise ValueError(f"no BatchNorm follows layer(s) {missing}; layers with one: "
+                         f"{list(where)}")
+    chosen = [n for n in chosen if n in where]
+    seen: dict[str, list[Tensor]] = {}
+
+    def keep(name):
+        def hook(module, args, out):  # returns None: the output is left alone
+            seen.setdefault(name, [args[0], out])
+        return hook
+
+    hooks = [where[n].register_forward_hook(keep(n)) for n in chosen]
+    try:
+        with measuring(model):
+            loss = loss_fn(model(inputs), targets)
+            tensors = [t for n in chosen for t in seen[n]]
+            grads = torch.autograd.grad(loss, tensors) if tensors else []
+    finally:
+        for h in hooks:
+            h.remove()
+    sums, sizes = [], []
+    for i, n in enumerate(chosen):
+        bn = where[n]
+        y, gy, gz = _per_unit(seen[n][0]), _per_unit(grads[2 * i]), _per_unit(grads[2 * i + 1])
+        m = y.shape[0]
+        var = y.var(0, unbiased=False)
+        sigma2 = var + bn.eps
+        y_hat = (y - y.mean(0)) / sigma2.sqrt()
+        gamma = bn.weight.detach().double() if bn.weight is not None else torch.ones_like(var)
+        scale = gamma ** 2 / sigma2
+        lhs = gy.pow(2).sum(0)
+        a, b = gz.pow(2).sum(0), gz.sum(0).pow(2) / m
+        c = (gz * y_hat).sum(0).pow(2)
+        rhs_printed = scale * (a - b - c / math.sqrt(m))
+        rhs_m = scale * (a - b - c / m)
+        rhs_exact = scale * (a - b - 2 * c / m + c * y_hat.pow(2).sum(0) / m ** 2)
+        slack = 1e-5 * scale * a  # float32 gradients
+        holds_p = (lhs <= rhs_printed + slack).double().mean()
+        holds_m = (lhs <= rhs_m + slack).double().mean()
+        sums.append(torch.stack([lhs.sum(), rhs_printed.sum(), rhs_m.sum(), rhs_exact.sum(),
+                                 holds_p, holds_m]))
+        sizes.append(m)
+    if sync and sums:
+        sums = _all_mean(sums)
+    out = {}
+    for n, m, s in zip(chosen, sizes, sums):
+        lhs, rp, rm, re, hp, hm = (float(v) for v in s)
+        out[n] = {"m": m, "lhs": lhs, "rhs_printed": rp, "rhs_rederived": rm, "rhs_exact": re,
+                  "ratio_printed": lhs / rp if rp != 0 else float("nan"),
+                  "ratio_rederived": lhs / rm if rm != 0 else float("nan"),
+                  "ratio_exact": lhs / re if re != 0 else float("nan"),
+                  "holds_printed": hp, "holds_rederived": hm}
+    return out

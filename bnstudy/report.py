@@ -486,6 +486,52 @@ FIGURES: list[FigureSpec] = [
 ]
 
 
+# ---------------------------------------------------------------- curvature (bnstudy.instruments.Curvature)
+
+def edge_of_stability(runs: list[Run]) -> object:
+    """One panel per configuration: the top Hessian eigenvalue (curv/lambda_max), the paper's
+    effective beta (landscape/beta_eff, same step and batch) and the 2/lr line over steps."""
+    grouped = groups(runs)
+    fig, axes = _grid(len(grouped))
+    for ax, (label, rs) in zip(axes, grouped):
+        for key, color in (("curv/lambda_max", "C3"), ("landscape/beta_eff", "C0")):
+            steps, mean, lo, hi = mean_band(rs, key)
+            if steps:
+                ax.plot(steps, mean, color=color, lw=1.2, marker=".", ms=3, label=key)
+                if len(rs) > 1:
+                    ax.fill_between(steps, lo, hi, color=color, alpha=0.2, lw=0)
+        two = [v for r in rs for _, v in r.finite("curv/two_over_lr")]
+        if two:
+            ax.axhline(two[-1], color="k", ls="--", lw=1, label="2/lr")
+        ax.set_title(label, fontsize=9)
+        ax.set_xlabel("step")
+        if ax.get_lines() and all(y > 0 for line in ax.get_lines() for y in line.get_ydata()):
+            _log_y(ax)
+        ax.grid(alpha=0.3)
+    return _finish(fig, "Edge of stability: lambda_max, beta_eff and 2/lr", axes)
+
+
+CURVATURE_FEED = ("runs with a Curvature probe (bnstudy.instruments.Curvature, as in "
+                  "configs/dln.yaml and dln_bn.yaml; python -m bnstudy findings --only eos)")
+FIGURES += [
+    FigureSpec("q_eos_dln", "Edge of stability, DLN: lambda_max and beta_eff vs 2/lr",
+               lambda r: r.kind == "dln", edge_of_stability,
+               "configs/dln.yaml and dln_bn.yaml at lr 1e-6 and 1e-7: " + CURVATURE_FEED,
+               needs=("curv/lambda_max",)),
+    FigureSpec("q_eos_vgg", "Edge of stability, VGG: lambda_max and beta_eff vs 2/lr",
+               lambda r: r.kind == "vgg", edge_of_stability,
+               "VGG runs at lr 0.1 and 0.5: " + CURVATURE_FEED, needs=("curv/lambda_max",)),
+    FigureSpec("q_theorem41", "Theorem 4.1 on live training: lhs / rhs per BN layer",
+               lambda r: r.norm == "batch",
+               curves(Panel("thm41/ratio_printed/{layer}", "lhs / rhs, 1/sqrt(m) as printed",
+                            log=True),
+                      Panel("thm41/ratio_rederived/{layer}", "lhs / rhs, 1/m re-derived"),
+                      title="Theorem 4.1: > 1 where the bound fails"),
+               "BN runs with a BNGradientBound probe (bnstudy.instruments.BNGradientBound; "
+               "python -m bnstudy findings --only eos)", needs=("thm41/",)),
+]
+
+
 # ---------------------------------------------------------------- the report
 
 @dataclass

@@ -48,7 +48,9 @@ def problems() -> dict:
 def measure(model, loss_fn, x, y, after) -> dict:
     return {"ics": probes.ics(model, loss_fn, x, y, after),
             "landscape": probes.landscape(model, loss_fn, x, y, [0.05, 0.2]),
-            "random": probes.random_landscape(model, loss_fn, x, y, [0.05, 0.2], seed=4)}
+            "random": probes.random_landscape(model, loss_fn, x, y, [0.05, 0.2], seed=4),
+            "curv": probes.hessian_eigs(model, loss_fn, x, y, k=2, tol=1e-6)["eigenvalues"],
+            "trace": probes.hessian_trace(model, loss_fn, x, y, samples=4)["trace"]}
 
 
 def dln_data() -> TensorDataset:
@@ -62,7 +64,8 @@ def fit(batch_size: int, rank: int = 0, world: int = 1, **trainer_kw):
     so DDP's gradient average is the full-batch sum's) with the instruments at every step."""
     import lightning as L
 
-    from bnstudy.instruments import ICS, ActivationStats, Instruments, Landscape, RandomLandscape
+    from bnstudy.instruments import (ICS, ActivationStats, Curvature, Instruments, Landscape,
+                                     RandomLandscape)
     from bnstudy.modules import DLNModule
 
     warnings.filterwarnings("ignore")
@@ -70,7 +73,7 @@ def fit(batch_size: int, rank: int = 0, world: int = 1, **trainer_kw):
     module = DLNModule(depth=6, norm="none", reduction="sum", lr=0.0005, momentum=0.9)
     inst = Instruments([ICS(every=1), Landscape(every=1, lr_multiples=[0.5, 2]),
                         RandomLandscape(every=2, lr_multiples=[1]),
-                        ActivationStats(every=2, units=4)])
+                        ActivationStats(every=2, units=4), Curvature(every=1, tol=1e-6)])
     trainer = L.Trainer(max_steps=3, accelerator="cpu", callbacks=[inst], logger=False,
                         enable_progress_bar=False, enable_model_summary=False,
                         enable_checkpointing=False, **trainer_kw)
@@ -134,8 +137,10 @@ def test_probes_agree_across_ranks_and_with_one_process(tmp_path):
                 p.kill()
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
 
-    # the same numbers on every rank, bit for bit (but the wall times)
-    drop_times = lambda h: [(s, {k: v for k, v in m.items() if not k.startswith("time/")})  # noqa
+    # the same numbers on every rank, bit for bit (but the wall times; and Lanczos' residual and
+    # product count, which rounding may move by an iteration between DDP and one process)
+    skip = ("time/", "curv/residual", "curv/hvps")
+    drop_times = lambda h: [(s, {k: v for k, v in m.items() if not k.startswith(skip)})  # noqa
                             for s, m in h]
     for r in ranks:
         r["fit"] = drop_times(r["fit"])
@@ -153,4 +158,5 @@ def test_probes_agree_across_ranks_and_with_one_process(tmp_path):
         {f"ics/{m}/layer0{i}" for m in ("l2", "cos") for i in range(1, 7)}
         | {f"act/layer0{i}/{s}" for i in range(1, 7)
            for s in ("mean", "var", "q05", "q25", "q50", "q75", "q95")})  # no dmean at step 0
+    assert history[0][1]["curv/lambda_max"] > 0
     assert_close(history, drop_times(fit(32)), rel=1e-4)

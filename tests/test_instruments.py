@@ -16,7 +16,8 @@ from lightning.pytorch.loggers import CSVLogger
 from torch.utils.data import DataLoader, TensorDataset
 
 from bnstudy import probes
-from bnstudy.instruments import ICS, ActivationStats, Instruments, Landscape, Probe, RandomLandscape
+from bnstudy.instruments import (ICS, ActivationStats, BNGradientBound, Curvature, Instruments,
+                                 Landscape, Probe, RandomLandscape)
 from bnstudy.models import DeepLinear
 from bnstudy.modules import DLNModule, VGGModule
 
@@ -55,7 +56,8 @@ def same_state(a, b) -> bool:
 
 def every_step_probes(**kw) -> list[Probe]:
     return [ICS(every=1, **kw), Landscape(every=1), RandomLandscape(every=2),
-            ActivationStats(every=2, units=4)]
+            ActivationStats(every=2, units=4),
+            Curvature(every=2, k=2, max_iter=4, trace_samples=2), BNGradientBound(every=3)]
 
 
 @pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
@@ -74,7 +76,10 @@ def test_training_is_unchanged_by_the_instruments(precision):
     assert [s for s, _ in inst.history] == [0, 1, 2, 3]
     assert all(math.isfinite(v) for _, m in inst.history for v in m.values())
     assert {"ics/cos/layer02", "landscape/beta_eff", "landscape_random/beta_eff",
-            "act/layer02/dmean"} <= set(inst.history[2][1])
+            "act/layer02/dmean", "curv/lambda_max", "curv/lambda_2", "curv/trace"} <= set(
+                inst.history[2][1])
+    assert {"thm41/ratio_rederived/layer02", "thm41/holds_printed/layer13"} <= set(
+        inst.history[3][1])
 
 
 class Recorder(Callback):
@@ -297,8 +302,10 @@ def test_paper_configs_carry_the_instruments(config, in_tmp):
     repo = Path(__file__).resolve().parents[1]
     cli = cli_main(["--config", str(repo / "configs" / config)], run=False)
     inst = next(c for c in cli.trainer.callbacks if isinstance(c, Instruments))
-    assert [type(p) for p in inst.probes] == [ICS, Landscape, RandomLandscape, ActivationStats]
-    ics, land, rand, act = inst.probes
+    paper = [ICS, Landscape, RandomLandscape, ActivationStats]
+    extra = [Curvature] if config.startswith("dln") else []  # the edge-of-stability figure
+    assert [type(p) for p in inst.probes] == paper + extra
+    ics, land, rand, act = inst.probes[:4]
     assert (ics.every, ics.log_spaced, rand.every, act.every) == (100, True, 500, 50)
     names = probes.layer_names(cli.model.net, example_input(cli.model.net))
     if config.startswith("vgg"):
@@ -316,3 +323,33 @@ def example_input(net: torch.nn.Module) -> torch.Tensor:
     if isinstance(first, torch.nn.Conv2d):
         return torch.randn(2, first.in_channels, 32, 32)
     return torch.randn(4, first.in_features)
+
+
+def test_curvature_and_theorem_probes_in_a_fit_equal_the_dense_twin():
+    """Curvature logs the top Hessian eigenvalue of the step's loss at W^t (the dense float64
+    twin on the recorded model and batch), warm-started: later steps spend fewer products;
+    BNGradientBound logs the plain probe's numbers."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 3, generator=g)
+    data = DataLoader(TensorDataset(x, x @ torch.randn(3, 3, generator=g)), batch_size=64)
+    curv = Curvature(every=1, tol=1e-6, trace_samples=64)
+    inst = Instruments([curv, Landscape(every=1), BNGradientBound(every=1, layers=[2])])
+    rec = Recorder()
+    L.seed_everything(0, verbose=False)
+    module = DLNModule(depth=4, dim=3, norm="batch", lr=1e-4)
+    trainer(4, [rec, inst]).fit(module, data)
+    assert [s for s, _ in inst.history] == [0, 1, 2, 3]
+    for step, metrics in inst.history:
+        r = rec.steps[step]
+        hess, _ = probes.hessian_dense(r["net"], module.loss_fn, *r["batch"])
+        dense = torch.linalg.eigvalsh(hess).flip(0)
+        assert metrics["curv/lambda_max"] == pytest.approx(float(dense[0]), rel=1e-4)
+        assert abs(metrics["curv/trace"] - float(hess.trace())) <= 3 * metrics["curv/trace_se"]
+        assert metrics["curv/two_over_lr"] == pytest.approx(2 / 1e-4)
+        assert metrics["landscape/beta_eff"] > 0
+        bound = probes.bn_gradient_bound(r["net"], module.loss_fn, *r["batch"], layers=[2])
+        assert metrics["thm41/ratio_rederived/layer02"] == pytest.approx(
+            bound["layers.2"]["ratio_rederived"], rel=1e-6)
+    hvps = [m["curv/hvps"] for _, m in inst.history]
+    assert max(hvps[1:]) < hvps[0]  # warm start
+    assert curv._vectors is None  # dropped at teardown
