@@ -73,9 +73,12 @@ def test_driver_runs_skips_finished_runs_and_writes_the_report(tmp_path):
     assert set(timing["runs"]) == set(names) and timing["wall_s"] > 0
     assert not any(r["skipped"] for r in timing["runs"].values())
     assert all(r["rc"] == 0 and r["cpu_s"] > 0 for r in timing["runs"].values())
+    summary = (out / "summary.md").read_text()  # what docs/RESULTS.md quotes
+    assert all(f"| {name} |" in summary for name in names)
     try:
         import bnstudy.report  # noqa: F401  (built by its own issue; optional here)
         assert (out / "report" / "index.html").stat().st_size > 0
+        assert "| 1. BN trains faster" in summary  # the claims table
     except ImportError:
         assert "report module is not installed" in first.stderr
 
