@@ -289,6 +289,25 @@ def write_summary(out: Path, runs: list[Run], timing: dict, claims, argv: list[s
     return path
 
 
+def publish(out: Path, docs: Path, max_width: int = 900) -> list[Path]:
+    """Copy the report's figures (shrunk: at most `max_width` pixels wide, 8-bit palette) and
+    summary.md into `docs`, the files docs/RESULTS.md shows."""
+    from PIL import Image
+
+    docs.mkdir(parents=True, exist_ok=True)
+    written = []
+    for png in sorted((out / "report").glob("*.png")):
+        with Image.open(png) as img:
+            img = img.convert("RGB")
+            if img.width > max_width:
+                img = img.resize((max_width, round(img.height * max_width / img.width)),
+                                 Image.LANCZOS)
+            img.quantize(colors=64).save(docs / png.name, optimize=True)
+        written.append(docs / png.name)
+    (docs / "summary.md").write_text((out / "summary.md").read_text())
+    return written + [docs / "summary.md"]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m bnstudy reproduce",
@@ -307,6 +326,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="torch threads per run (default 1: two 1-thread runs use 2 cores "
                              "better than one 2-thread run on these small models)")
     parser.add_argument("--no-report", action="store_true", help="only run, do not draw")
+    parser.add_argument("--docs", type=Path, default=None,
+                        help="also copy the figures (shrunk) and summary.md here, e.g. "
+                             "docs/results for docs/RESULTS.md")
     parser.add_argument("--dry-run", action="store_true", help="print the fit commands and stop")
     args = parser.parse_args(argv)
     if args.steps_scale <= 0 or args.jobs < 1 or args.threads < 1:
@@ -346,6 +368,8 @@ def main(argv: list[str] | None = None) -> int:
     timing["cpu_s"] = round(sum(r.get("cpu_s", 0) for r in results if not r.get("skipped")), 1)
     (args.out / "timing.json").write_text(json.dumps(timing, indent=1) + "\n")
     write_summary(args.out, runs, timing, claims, list(sys.argv[1:] if argv is None else argv))
+    if args.docs is not None and report:
+        print(f"copied {len(publish(args.out, args.docs))} files to {args.docs}")
     failed = [r["name"] for r in results if r["rc"] != 0]
     print(f"bnstudy reproduce {args.plan}: {len(results) - len(failed)}/{len(results)} runs done "
           f"in {wall / 60:.1f} min wall ({timing['cpu_s'] / 60:.1f} CPU min in the runs)"
