@@ -7,6 +7,7 @@ import io
 import math
 import os
 import signal
+import threading
 import time
 from pathlib import Path
 from typing import Literal
@@ -179,6 +180,8 @@ class StepEndSignals(L.Callback):
         self._previous: dict = {}
 
     def on_train_start(self, trainer, pl_module) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return  # Python takes signal handlers only in the main thread (Lightning does so too)
         env = trainer._accelerator_connector.cluster_environment
         if isinstance(env, SLURMEnvironment) and env.auto_requeue:
             handler = signal.getsignal(env.requeue_signal)  # Lightning's, registered just before

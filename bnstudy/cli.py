@@ -23,7 +23,6 @@ SUBCOMMANDS = {
     "report": ("bnstudy.report", "rebuild the paper's figures and claims from runs"),
     "reproduce": ("bnstudy.reproduce", "run the mini reproduction"),
     "findings": ("bnstudy.findings", "answer the open questions at mini scale"),
-    "bench": ("bnstudy.bench", "time the fit loop and the instruments"),
 }
 LIGHTNING = ("fit", "validate", "test")
 PROG = "bnstudy"

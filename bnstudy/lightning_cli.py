@@ -171,10 +171,28 @@ class StudyCLI(LightningCLI):
         subcommands.pop("predict", None)
         return subcommands
 
+    def _run_dir(self, cfg) -> Path:
+        """This run's directory, decided once (a default one holds a timestamp)."""
+        if getattr(self, "_chosen_run_dir", None) is None:
+            run_dir = cfg.get("run_dir") or os.environ.get(RUN_DIR_ENV)
+            self._chosen_run_dir = (Path(run_dir) if run_dir
+                                    else default_run_dir(cfg.get("config") or []))
+        return self._chosen_run_dir
+
+    def _set_seed(self) -> None:
+        # `seed_everything: true` (LightningCLI's default) draws a random seed and stores it in
+        # config.yaml; a resume (or a Slurm requeue) must continue with that seed, not a new one
+        cfg = self.config[self.subcommand] if self.subcommand else self.config
+        stored = self._run_dir(cfg) / "config.yaml"
+        if self.subcommand == "fit" and cfg.get("seed_everything") is True and stored.is_file():
+            seed = (yaml.safe_load(stored.read_text()) or {}).get("seed_everything")
+            if isinstance(seed, int) and not isinstance(seed, bool):
+                cfg.seed_everything = seed
+        super()._set_seed()
+
     def before_instantiate_classes(self) -> None:
         cfg = self.config[self.subcommand] if self.subcommand else self.config
-        run_dir = cfg.get("run_dir") or os.environ.get(RUN_DIR_ENV)
-        run_dir = Path(run_dir) if run_dir else default_run_dir(cfg.get("config") or [])
+        run_dir = self._run_dir(cfg)
         os.environ[RUN_DIR_ENV] = str(run_dir)
         cfg.run_dir = str(run_dir)
         cfg.trainer.default_root_dir = str(run_dir)
@@ -358,5 +376,5 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> StudyCLI:
         if "lock" in _ACTIVE:
             _ACTIVE["lock"].release()
         if not ok and _ACTIVE.get("created") and not started:
-            remove_new_run_dir(_ACTIVE["created"])  # a run that never started leaves nothing
+            remove_new_run_dir(_ACTIVE["run_dir"], _ACTIVE["created"])  # a run that never started leaves nothing
         _ACTIVE.clear()

@@ -75,3 +75,8 @@ class StudyCSVLogger(CSVLogger):
 
     def drop_from(self, step: int) -> None:
         self.experiment.drop_from(step)
+
+    def after_save_checkpoint(self, checkpoint_callback) -> None:
+        # rows reach the disk with every checkpoint: after a hard crash (SIGKILL, OOM, a lost
+        # node) metrics.csv holds every step up to the checkpoint the run resumes from
+        self.save()

@@ -18,6 +18,12 @@ SAFE_RESUME_CHANGES = ("trainer.max_steps", "trainer.max_epochs", "trainer.max_t
                        "resume_allow")
 # set by the CLI from the run directory itself, or naming the files of the config (not settings)
 _NOT_SETTINGS = ("config", "ckpt_path", "__path__")
+# where the run directory is (absolute or relative, moved, another cwd) is not a setting either
+_RUN_DIR_PATHS = ("run_dir", "trainer.default_root_dir", "checkpoint.dirpath",
+                  "last_checkpoint.dirpath", "trainer.logger.*.init_args.save_dir",
+                  "trainer.logger.init_args.save_dir", "trainer.logger.*.init_args.dir",
+                  "trainer.logger.init_args.dir", "trainer.logger.*.init_args.name",
+                  "trainer.logger.init_args.name")
 
 
 class UsageError(ValueError):
@@ -87,7 +93,7 @@ def config_differences(stored: dict, current: dict, allowed: list[str]) -> list[
     """Dotted keys whose values differ between the stored and the current config, other than
     the allowed ones (fnmatch patterns, e.g. trainer.max_steps or 'model.*')."""
     a, b = flatten(stored), flatten(current)
-    patterns = list(SAFE_RESUME_CHANGES) + list(allowed or [])
+    patterns = list(SAFE_RESUME_CHANGES) + list(_RUN_DIR_PATHS) + list(allowed or [])
     differing = []
     for key in sorted(set(a) | set(b)):
         if key.split(".")[0] in _NOT_SETTINGS or any(fnmatch.fnmatch(key, p) for p in patterns):
@@ -167,6 +173,16 @@ def check_checkpoint_fits(path, ckpt: dict, model) -> None:
         raise UsageError(f"checkpoint {path} does not fit this model: it was trained with {why}")
 
 
-def remove_new_run_dir(run_dir: Path) -> None:
-    """Undo a run directory this process created, after a failure before the first step."""
+def remove_new_run_dir(run_dir: Path, created: Path) -> None:
+    """Undo a run directory this process created, after a failure before the first step: the run
+    directory itself, then its parents up to `created` (the topmost one this run made) while they
+    are empty, so that runs started beside it at the same time are never touched."""
     shutil.rmtree(run_dir, ignore_errors=True)
+    parent = Path(run_dir).parent
+    top = Path(created)
+    while parent != top.parent and parent != parent.parent:
+        try:
+            parent.rmdir()  # only when empty
+        except OSError:
+            break
+        parent = parent.parent

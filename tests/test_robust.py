@@ -151,6 +151,34 @@ def test_resume_with_another_config_is_refused_before_anything_is_written(quiet,
     assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 5
 
 
+def test_a_randomly_seeded_run_resumes_with_its_own_seed(quiet):
+    """seed_everything: true draws a seed; a resume (a Slurm requeue too) keeps that seed instead
+    of drawing another, which the config check would refuse."""
+    run_dir = quiet / "run"
+    fit(run_dir, "--seed_everything=true", steps=3)
+    seed = yaml.safe_load((run_dir / "config.yaml").read_text())["seed_everything"]
+    assert isinstance(seed, int) and not isinstance(seed, bool)
+    fit(run_dir, "--seed_everything=true", steps=5)
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["seed_everything"] == seed
+    assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 5
+
+
+def test_removing_a_run_that_never_started_spares_its_neighbours(tmp_path):
+    """A failed start removes its run directory and the parents it created while they are empty;
+    a run another process started meanwhile in one of those parents stays."""
+    from bnstudy.rundir import remove_new_run_dir
+
+    ours, theirs = tmp_path / "runs" / "a" / "run1", tmp_path / "runs" / "b" / "run2"
+    for d in (ours, theirs):
+        d.mkdir(parents=True)
+        (d / "metrics.csv").write_text("step\n0\n")
+    remove_new_run_dir(ours, created=tmp_path / "runs")
+    assert not (tmp_path / "runs" / "a").exists()
+    assert (theirs / "metrics.csv").read_text() == "step\n0\n"
+    remove_new_run_dir(theirs, created=tmp_path / "runs")
+    assert not (tmp_path / "runs").exists()
+
+
 def _checkpoint_of(run_dir: Path, *extra: str) -> Path:
     fit(run_dir, *extra, steps=1)
     return run_dir / "checkpoints" / "last.ckpt"
@@ -262,7 +290,7 @@ def test_killed_run_reports_it_and_every_resume_ends_bit_identical(quiet):
     last = run_dir / "checkpoints" / "last.ckpt"
     rng = random.Random(os.getpid())
     kills = []
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGTERM):
+    for sig in (signal.SIGKILL, signal.SIGTERM, signal.SIGINT, signal.SIGTERM):
         since = last.stat().st_mtime if last.exists() else 0.0
         proc = subprocess.Popen([sys.executable, "-m", "bnstudy", "fit", *args,
                                  f"--run_dir={run_dir}"], cwd=REPO, env=ENV,
@@ -273,6 +301,12 @@ def test_killed_run_reports_it_and_every_resume_ends_bit_identical(quiet):
         _, err = proc.communicate(timeout=240)
         if proc.returncode == 0:
             break  # it finished before the signal: nothing left to interrupt
+        if sig == signal.SIGKILL:  # a hard crash: no handler runs, nothing is saved on the way out
+            assert proc.returncode == -signal.SIGKILL, err[-3000:]
+            step = torch.load(last, weights_only=True)["global_step"]
+            logged = {int(r["step"]) for r in rows(run_dir)}
+            assert set(range(step)) <= logged, "metrics.csv lost rows before the checkpoint"
+            continue
         assert proc.returncode == 128 + sig, err[-3000:]
         m = re.search(rf"stopped by {sig.name} at the end of step (\d+); resumable checkpoint "
                       rf"(\S+); rerun", err)
