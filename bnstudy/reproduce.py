@@ -213,6 +213,11 @@ def run_all(runs: list[Run], out: Path, steps_scale: float, jobs: int, threads: 
         active: dict[str, tuple[int, Path, int]] = {}
 
         def start(run: Run) -> dict:
+            done = out / "runs" / run.name / "done.json"
+            if done.exists():  # finished meanwhile by another invocation (e.g. an --only one)
+                progress.console.print(f"[dim]skipped {run.name} (finished meanwhile)[/dim]")
+                progress.advance(overall)
+                return {**json.loads(done.read_text()), "skipped": True}
             steps = max(2, round(run.steps * steps_scale))
             task = progress.add_task(f"  {run.name}", total=steps)
             active[run.name] = (task, out / "runs" / run.name, steps)
