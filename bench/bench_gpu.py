@@ -15,7 +15,7 @@ the plain eager fp32 loop):
   fit fast preset           --config configs/fast.yaml after vgg_bn.yaml, instruments off
   fit + instruments         fp32 with the paper config's instruments at their cadence
   fit fast + instruments    the fast preset with the instruments
-The fits run in this process through bnstudy's CLI (loggers: CSV only, W&B disabled; progress bar
+The fits run in this process through bnstudy's CLI (the config's loggers, W&B disabled; progress bar
 on), without validation; a callback times `--steps` steps after `--warmup` steps (compilation and
 CUDA-graph capture happen in the warm-up). The CLI allows TF32 matmuls (float32 matmul precision
 "high") and cuDNN allows TF32 convolutions by default: "fit fp32" compares with "plain TF32".
@@ -115,7 +115,6 @@ def fit_row(args, configs: list[str], extra: list[str], instruments: bool) -> fl
                 f"--trainer.accelerator={'gpu' if args.device == 'cuda' else 'cpu'}",
                 "--trainer.devices=1", "--trainer.limit_val_batches=0",
                 "--trainer.enable_model_summary=false",
-                '--trainer.logger=[{"class_path": "bnstudy.loggers.StudyCSVLogger"}]',
                 *callbacks, *extra, f"--run_dir={run_dir}"]
         TIMERS.clear()
         cli_main(argv)

@@ -1,7 +1,7 @@
 """`fit` as a user runs it against a plain 1-thread loop on the CPU, on the two overhead-bound
 cases, on an idle machine and beside a process that keeps one core busy.
 
-    .venv/bin/python bench/bench_overhead.py                 # both cases, idle and busy (~4 min)
+    .venv/bin/python bench/bench_overhead.py                 # both cases, idle and busy (~8 min)
     .venv/bin/python bench/bench_overhead.py --repo /work/main   # the same, another checkout's code
 
 Cases (instruments off, validation off; everything else as the config has it: the W&B logger
@@ -10,9 +10,9 @@ Cases (instruments off, validation off; everything else as the config has it: th
   vgg  configs/quickstart.yaml: VGG-11 width 0.25 + BN on the 8x8 digits, batch 64
 `fit` runs as `python -m bnstudy fit --config ...` with the environment's thread settings
 (OMP_NUM_THREADS removed: the user's default); the plain loop is the same model, loss, data and
-SGD in a bare loop on one thread. Each is timed at two run lengths, N and 2N steps, as whole
-processes: the difference over N is the cost of a step, with start-up, data loading and W&B's
-start and finish cancelled. "busy": a `while True` process pinned to CPU 0 runs meanwhile.
+SGD in a bare loop on one thread, timed inside its process after 20 warm-up steps. `fit` is timed
+at two run lengths, N and 2N steps, as whole processes: the difference over N is the cost of a
+step, with start-up, data loading and W&B's start and finish cancelled. "busy": a `while True` process pinned to CPU 0 runs meanwhile.
 Ratio = fit steps/s / plain steps/s (targets busy: dln >= 0.5, vgg >= 0.7).
 """
 from __future__ import annotations
@@ -27,13 +27,14 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 CASES = {
-    "dln": {"config": "dln_bn.yaml", "steps": 400},
-    "vgg": {"config": "quickstart.yaml", "steps": 200},
+    "dln": {"config": "dln_bn.yaml", "steps": 2000},
+    "vgg": {"config": "quickstart.yaml", "steps": 600},
 }
 TARGETS = {"dln": 0.5, "vgg": 0.7}
+COUNTER = iter(range(10**6))  # a fresh run directory for every process
 
 PLAIN = r"""
-import sys, torch
+import sys, time, torch
 torch.set_num_threads(1)
 from bnstudy.cli import cli_main
 steps = int(sys.argv[2])
@@ -47,35 +48,41 @@ if hasattr(data, "setup"):
 net, loss_fn = model.net, model.loss_fn
 net.train()
 opt = torch.optim.SGD(net.parameters(), lr=model.lr)
-done = 0
-while done < steps:
+done, warmup = 0, 20
+while done < steps + warmup:
     for x, y in data.train_dataloader():
+        if done == warmup:
+            start = time.perf_counter()
         loss = loss_fn(net(x), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         done += 1
-        if done == steps:
+        if done == steps + warmup:
             break
-print("loss", float(loss))
+print("seconds_per_step", (time.perf_counter() - start) / steps, "loss", float(loss))
 """
 
 
-def run(cmd: list[str], cwd: Path, env: dict) -> float:
+def run(cmd: list[str], cwd: Path, env: dict) -> tuple[float, str]:
     start = time.perf_counter()
     proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
     elapsed = time.perf_counter() - start
     if proc.returncode != 0:
         sys.exit(f"bench_overhead: command failed ({proc.returncode}): {' '.join(cmd)}\n"
                  + proc.stderr[-3000:])
-    return elapsed
+    return elapsed, proc.stdout
 
 
 def per_step(make_cmd, n: int, cwd: Path, env: dict) -> float:
     """Seconds per step from whole-process wall times at N and 2N steps."""
-    t1 = run(make_cmd(n), cwd, env)
-    t2 = run(make_cmd(2 * n), cwd, env)
-    return max(t2 - t1, 1e-9) / n
+    t1, _ = run(make_cmd(n), cwd, env)
+    t2, _ = run(make_cmd(2 * n), cwd, env)
+    if t2 <= t1:  # start-up noise larger than N steps: too short a run for this machine's load
+        print(f"  (2N-step run not slower than the N-step one: {t2:.1f} s vs {t1:.1f} s; "
+              "use a larger --scale)", flush=True)
+        return float("nan")
+    return (t2 - t1) / n
 
 
 def measure(case: str, repo: Path, scale: float, tmp: Path) -> tuple[float, float]:
@@ -84,18 +91,15 @@ def measure(case: str, repo: Path, scale: float, tmp: Path) -> tuple[float, floa
     env = {k: v for k, v in os.environ.items()
            if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "BNSTUDY_RUN_DIR")}
     env.update(WANDB_MODE="offline", WANDB_SILENT="true", PYTHONPATH=str(repo))
-    counter = iter(range(10**6))
-
     def fit_cmd(steps: int) -> list[str]:
         return [sys.executable, "-m", "bnstudy", "fit", "--config", config,
                 f"--trainer.max_steps={steps}", "--trainer.callbacks=[]",
-                "--trainer.limit_val_batches=0", f"--run_dir={tmp / f'fit{next(counter)}'}"]
-
-    def plain_cmd(steps: int) -> list[str]:
-        return [sys.executable, "-c", PLAIN, config, str(steps), str(tmp / f"p{next(counter)}")]
+                "--trainer.limit_val_batches=0", f"--run_dir={tmp / f'fit{next(COUNTER)}'}"]
 
     fit = per_step(fit_cmd, n, repo, env)
-    plain = per_step(plain_cmd, n, repo, env)
+    _, out = run([sys.executable, "-c", PLAIN, config, str(n), str(tmp / f"p{next(COUNTER)}")],
+                 repo, env)
+    plain = float(out.split("seconds_per_step")[1].split()[0])
     return fit, plain
 
 

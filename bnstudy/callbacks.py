@@ -324,13 +324,14 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)
-        except OSError as err:  # named after the checkpoint (a write error has no file name)
+        except BaseException as err:
             with contextlib.suppress(OSError):
                 os.remove(tmp)
-            raise OSError(err.errno, err.strerror, path) from err
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.remove(tmp)
+            # torch's zip writer, closing after a failed write, raises a RuntimeError of its own
+            # ("unexpected pos"): report the write's OSError (a full disk), naming the file
+            cause = err.__context__ if isinstance(err, RuntimeError) else err
+            if isinstance(cause, OSError) and (cause is not err or cause.filename is None):
+                raise OSError(cause.errno, cause.strerror, cause.filename or path) from None
             raise
 
 

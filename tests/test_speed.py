@@ -38,25 +38,24 @@ def weights(run_dir) -> dict:
 
 @needs_cxx
 def test_fast_preset_resumes_exactly_and_instruments_change_nothing(in_tmp, monkeypatch):
-    """configs/fast.yaml on the quickstart: 8 steps with the instruments (they measure at steps
-    0, 1, 2, 4), 8 without, and 4 + 4 resumed: the same weights, BN buffers and noise, bit for
-    bit; the instruments measured finite values at their steps."""
+    """configs/fast.yaml on the quickstart (bf16-mixed, channels_last, compiled, data held on the
+    device): 6 steps with the instruments (they measure at steps 0, 1, 2, 4) end with the same
+    weights, BN buffers and noise, bit for bit, as 3 + 3 resumed steps without them."""
     monkeypatch.setenv("WANDB_MODE", "disabled")
-    cli = cli_main(["fit", *QUICK, *FAST, "--trainer.max_steps=8", "--run_dir=with"])
+    cli = cli_main(["fit", *QUICK, *FAST, "--trainer.max_steps=6", "--run_dir=with"])
     model = cli.model
     assert model.compiles_training_forward and model._compiled is not None
-    assert cli.trainer.precision == "bf16-mixed"
+    assert cli.trainer.precision == "bf16-mixed" and cli.datamodule.on_device
     conv = next(m for m in model.net.modules() if isinstance(m, torch.nn.Conv2d))
     assert conv.weight.is_contiguous(memory_format=torch.channels_last)
-    cli_main(["fit", *QUICK, *FAST, *NO_INSTRUMENTS, "--trainer.max_steps=8", "--run_dir=without"])
-    cli_main(["fit", *QUICK, *FAST, *NO_INSTRUMENTS, "--trainer.max_steps=4", "--run_dir=parts"])
-    cli = cli_main(["fit", *QUICK, *FAST, *NO_INSTRUMENTS, "--trainer.max_steps=8",
+    cli_main(["fit", *QUICK, *FAST, *NO_INSTRUMENTS, "--trainer.max_steps=3", "--run_dir=parts"])
+    cli = cli_main(["fit", *QUICK, *FAST, *NO_INSTRUMENTS, "--trainer.max_steps=6",
                     "--run_dir=parts"])
-    assert cli.trainer.global_step == 8
-    a, b, c = weights(in_tmp / "with"), weights(in_tmp / "without"), weights(in_tmp / "parts")
-    for key in b:
+    assert cli.trainer.global_step == 6
+    a, b = weights(in_tmp / "with"), weights(in_tmp / "parts")
+    assert a.keys() == b.keys()
+    for key in a:
         assert_identical(a[key], b[key], key)
-        assert_identical(c[key], b[key], key)
     rows = read_metrics(in_tmp / "with")
     steps = {int(r["step"]) for r in rows if r.get("act/layer02/mean")}
     assert steps == {0, 1, 2, 4}  # recorded in the probe's own eager forward
@@ -64,28 +63,30 @@ def test_fast_preset_resumes_exactly_and_instruments_change_nothing(in_tmp, monk
         assert torch.isfinite(torch.tensor(last(rows, key)))
 
 
-# Probe values of the compiled (channels_last) path against the eager path: same model, same
-# weights, same batch, same precision (bf16-mixed), measured at step 0. Only the training forward
-# differs (compiled kernels vs eager ones), hence the gradient the probes reuse, by a few bf16
-# roundings: relative 3% (bf16 keeps 8 bits, 2^-8 = 0.4%, over several layers), absolute 1e-3
-# for values near zero (activation means after BN).
-RTOL, ATOL = 3e-2, 1e-3
+# Probe values of the fast path (compiled training forward, channels_last, data on the device)
+# against the eager path: same model, weights, batch and precision (fp32), at step 0. Only the
+# training forward and backward differ (inductor's kernels vs eager ones), hence the gradient the
+# probes reuse: measured 3e-5 relative at most (a near-zero cosine), 1e-7 absolute on activation
+# means of ~1e-9. Tolerance: 1e-4 relative, 1e-6 absolute. (In bf16-mixed the two paths' backward
+# passes round differently: measured up to 3.5% on gradient-based values, and near-zero ICS
+# cosines differ by up to 0.06; losses and activations agreed exactly.)
+RTOL, ATOL = 1e-4, 1e-6
 
 
 @needs_cxx
 def test_fast_path_probes_agree_with_the_eager_path(in_tmp, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "disabled")
-    one = ["--trainer.max_steps=1", "--trainer.precision=bf16-mixed"]
+    one = ["--trainer.max_steps=1"]
     cli_main(["fit", *QUICK, *one, "--run_dir=eager"])
     cli_main(["fit", *QUICK, *one, "--model.compile=true", "--model.channels_last=true",
               "--data.on_device=true", "--run_dir=fast"])
     eager, fast = (step_zero(read_metrics(in_tmp / d)) for d in ("eager", "fast"))
     compared = 0
     for key, want in eager.items():
-        if key.startswith(("landscape/", "ics/", "act/", "train/loss")) and "/q" not in key:
+        if key.startswith(("landscape/", "ics/", "act/", "train/loss")):
             assert fast[key] == pytest.approx(want, rel=RTOL, abs=ATOL), key
             compared += 1
-    assert compared >= 10
+    assert compared >= 30
 
 
 DIVERGE = ["--config", str(REPO / "configs" / "quickstart.yaml"), "--model.norm=none",
