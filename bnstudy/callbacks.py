@@ -3,9 +3,11 @@ W&B/config bookkeeping."""
 from __future__ import annotations
 
 import contextlib
+import io
 import math
 import os
 import signal
+import time
 from pathlib import Path
 from typing import Literal
 
@@ -14,10 +16,10 @@ import torch
 import yaml
 from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.fabric.plugins.environments import SLURMEnvironment
-from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
+from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar, ThroughputMonitor
 from lightning.pytorch.cli import SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 
 
 class DivergedError(RuntimeError):
@@ -27,21 +29,79 @@ class DivergedError(RuntimeError):
 class DivergenceGuard(L.Callback):
     """End a run whose training loss is not finite (VGG without BN at lr 0.5 does this).
 
-    on_divergence="stop" (default) stops training cleanly, logs `diverged=1` (and the W&B summary
-    field `diverged`), and the process exits 0 so a sweep goes on; "fail" raises instead.
+    on_divergence="stop" (default) stops training cleanly, logs `diverged=1` and `diverged_step`
+    (and the W&B summary field `diverged`), and the process exits 0 so a sweep goes on; "fail"
+    raises instead.
+
+    check="sync" reads the loss every step and stops at once. On a GPU that read waits for the
+    step to finish, every step, and leaves the GPU idle while Python queues the next one; so
+    check="auto" (default) is "lazy" there: each step only updates, on the device, the step of the
+    first non-finite loss (the minimum over DDP ranks) and starts copying it to the host without
+    waiting; the copy started `lag` steps earlier is read then, long arrived. The run stops `lag`
+    steps after the divergence (its weights are not finite by then anyway), at the same step on
+    every rank and in every rerun, and `diverged_step` is still the exact step.
     """
 
-    def __init__(self, on_divergence: Literal["stop", "fail"] = "stop"):
-        self.on_divergence = on_divergence
+    NONE = 2**62  # "no divergence yet" in the device tensor (the minimum over ranks is taken)
+
+    def __init__(self, on_divergence: Literal["stop", "fail"] = "stop",
+                 check: Literal["auto", "sync", "lazy"] = "auto", lag: int = 3):
+        if lag < 1:
+            raise ValueError(f"divergence.lag must be >= 1; got {lag}")
+        self.on_divergence, self.check, self.lag = on_divergence, check, lag
         self.diverged_at: int | None = None
+        self._first: torch.Tensor | None = None  # on the device: step of the first bad loss
+        self._copies: list = []                  # [host tensor, CUDA event or None] per slot
+        self._seen = 0                           # lazy checks made in this fit
+
+    def _lazy(self, loss: torch.Tensor) -> bool:
+        return self.check == "lazy" or (self.check == "auto" and loss.device.type == "cuda")
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
-        if loss is None or math.isfinite(float(loss)):
+        if loss is None or self.diverged_at is not None:
             return
-        step = trainer.global_step
+        if not self._lazy(loss):
+            if not math.isfinite(float(loss)):
+                self._diverged(trainer, trainer.global_step, float(loss))
+            return
+        cuda = loss.device.type == "cuda"
+        if self._first is None or self._first.device != loss.device:
+            self._first = torch.full((), self.NONE, dtype=torch.long, device=loss.device)
+            self._copies = [[torch.empty((), dtype=torch.long, pin_memory=cuda), None]
+                            for _ in range(self.lag)]
+            self._seen = 0
+        bad = ~torch.isfinite(loss.detach())
+        first = torch.where(bad, trainer.global_step, self.NONE)
+        if trainer.world_size > 1:  # every rank stops at the same step
+            import torch.distributed as dist
+
+            dist.all_reduce(first, op=dist.ReduceOp.MIN)
+        self._first = torch.minimum(self._first, first)
+        slot = self._copies[self._seen % self.lag]
+        if self._seen >= self.lag:  # the copy started `lag` steps ago
+            if slot[1] is not None:
+                slot[1].synchronize()
+            self._check_step(trainer, int(slot[0]))
+        self._seen += 1
+        if self.diverged_at is None:
+            slot[0].copy_(self._first, non_blocking=cuda)
+            if cuda:
+                slot[1] = torch.cuda.Event()
+                slot[1].record()
+
+    def _check_step(self, trainer, step: int) -> None:
+        if step != self.NONE:
+            self._diverged(trainer, step, float("nan"))
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if self.diverged_at is None and self._first is not None:
+            self._check_step(trainer, int(self._first))  # a divergence in the last steps
+
+    def _diverged(self, trainer, step: int, loss: float) -> None:
         self.diverged_at = step
-        msg = f"bnstudy: training loss is {float(loss)} at step {step}: run diverged"
+        what = "not finite" if self._first is not None else f"{loss}"  # lazy: value not kept
+        msg = f"bnstudy: training loss is {what} at step {step}: run diverged"
         if self.on_divergence == "fail":
             raise DivergedError(msg)
         rank_zero_warn(msg + "; stopping (on_divergence=stop)")
@@ -98,7 +158,8 @@ class StepEndSignals(L.Callback):
     (inside a signal handler it could mix the weights of one step with the counters or loader
     position of another). All DDP ranks act at the same step.
 
-    - SIGTERM / SIGINT: save last.ckpt, stop, and raise Interrupted (exit 128 + signal).
+    - SIGTERM / SIGINT: save last.ckpt, then stop before the next step by raising Interrupted
+      (exit 128 + signal). A signal that comes in the fit's last step lets it finish (exit 0).
       A second SIGINT while the step finishes interrupts at once (KeyboardInterrupt).
     - Slurm's requeue signal (SIGUSR1, with Lightning's SLURM auto-requeue on): Lightning's own
       handler (hpc checkpoint + `scontrol requeue`), run here; the W&B run is marked preempting so
@@ -113,6 +174,7 @@ class StepEndSignals(L.Callback):
     def __init__(self):
         self._lightning_handler, self._requeue_signum = None, None
         self._stop_signum: int | None = None
+        self._stopping: tuple | None = None  # (signal, step, checkpoint) once the stop is decided
         self._requeued = False
         self._previous: dict = {}
 
@@ -165,7 +227,7 @@ class StepEndSignals(L.Callback):
                     logger.experiment.mark_preempting()
             self._lightning_handler(signum, None)
             self._requeued = True
-        if stop:
+        if stop and self._stopping is None:
             signum = self._stop_signum or signal.SIGTERM
             path = None
             if not self._requeued:
@@ -175,7 +237,13 @@ class StepEndSignals(L.Callback):
                     if last._last_global_step_saved != trainer.global_step:
                         last._save_last_checkpoint(trainer, last._monitor_candidates(trainer))
                     path = last.last_model_path
-            raise Interrupted(signum, trainer.global_step, path)
+            # raised when the next step starts: this step's metrics are logged after this hook,
+            # and its scheduled validation runs (a resume does not repeat either)
+            self._stopping = (signum, trainer.global_step, path)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self._stopping is not None:
+            raise Interrupted(*self._stopping)
 
 
 RequeueAtStepEnd = StepEndSignals  # the name of its first version (Slurm requeue only)
@@ -183,7 +251,21 @@ RequeueAtStepEnd = StepEndSignals  # the name of its first version (Slurm requeu
 
 class StepProgressBar(RichProgressBar):
     """Rich progress bar that counts steps out of max_steps in a step-limited fit (Lightning's
-    shows `Epoch 1/-2` there, and restarts at every pass over the data)."""
+    shows `Epoch 1/-2` there, and restarts at every pass over the data), redrawn at most every
+    `interval` seconds of training: drawing reads the logged metrics back from the device, which
+    done every step stalls a GPU (and costs a tiny CPU model more than its step)."""
+
+    def __init__(self, interval: float = 0.5, **kwargs):
+        super().__init__(**kwargs)
+        self.interval, self._drawn = interval, float("-inf")
+
+    def _due(self, trainer) -> bool:
+        now = time.monotonic()
+        final = trainer.global_step >= (trainer.max_steps or 0) > 0 or trainer.should_stop
+        if now - self._drawn < self.interval and not final:
+            return False
+        self._drawn = now
+        return True
 
     def _by_steps(self) -> bool:
         trainer = self.trainer
@@ -208,6 +290,10 @@ class StepProgressBar(RichProgressBar):
         self.refresh()  # one bar for the whole fit: do not reset it at a new pass
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        last_batch = isinstance(self.total_train_batches, int) and \
+            batch_idx + 1 >= self.total_train_batches
+        if not self._due(trainer) and not last_batch:
+            return
         if not self._by_steps():
             return super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
         if not self.is_disabled and self.train_progress_bar_id is None:
@@ -227,12 +313,18 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         path = os.fspath(path)
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         tmp = f"{path}.tmp{os.getpid()}"
+        buffer = io.BytesIO()  # serialized first: torch.save would hide a write's OSError
+        torch.save(checkpoint, buffer)
         try:
             with open(tmp, "wb") as f:
-                torch.save(checkpoint, f)
+                f.write(buffer.getbuffer())
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)
+        except OSError as err:  # named after the checkpoint (a write error has no file name)
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
+            raise OSError(err.errno, err.strerror, path) from err
         except BaseException:
             with contextlib.suppress(OSError):
                 os.remove(tmp)
@@ -301,20 +393,65 @@ class ResumeLogs(L.Callback):
 
 
 class LastCheckpoint(ModelCheckpoint):
-    """last.ckpt every `every_n_train_steps` steps and after the final step, whatever the monitored
-    metric does (ModelCheckpoint's save_last only follows its own save triggers). Saved at the end
-    of a training step, the only point where a resumed run continues exactly."""
+    """last.ckpt every `every_minutes` of training (default 10), or every `every_n_train_steps`
+    steps when that is given, and after the final step, whatever the monitored metric does
+    (ModelCheckpoint's save_last only follows its own save triggers). Saved at the end of a
+    training step, the only point where a resumed run continues exactly.
 
-    def __init__(self, dirpath=None, every_n_train_steps: int = 100):
+    Time, not steps, by default: a VGG-16 checkpoint is 60 MB, and a fast run makes hundreds of
+    steps a second. A SLURM requeue saves its own checkpoint at the step the signal arrives, so
+    the interval only bounds the work a hard crash loses. The clock is read every `check_every`
+    steps (under DDP rank 0's decision is broadcast, a sync, so not every step)."""
+
+    def __init__(self, dirpath=None, every_n_train_steps: int | None = None,
+                 every_minutes: float | None = 10.0, check_every: int = 50):
+        if every_n_train_steps is not None and every_n_train_steps < 1:
+            raise ValueError("last_checkpoint.every_n_train_steps must be >= 1 or null; "
+                             f"got {every_n_train_steps}")
+        if every_minutes is not None and every_minutes <= 0:
+            raise ValueError(f"last_checkpoint.every_minutes must be > 0 or null; got {every_minutes}")
         super().__init__(dirpath=dirpath, save_last=True, save_top_k=0,
-                         every_n_train_steps=every_n_train_steps)
+                         every_n_train_steps=every_n_train_steps or 0)
+        self.every_minutes = None if every_n_train_steps else every_minutes
+        self.check_every = max(1, check_every)
+        self._clock = time.monotonic()
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        super().on_train_start(trainer, pl_module)
+        self._clock = time.monotonic()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        if self._should_skip_saving_checkpoint(trainer):
+            return
         epoch_loop = trainer.fit_loop.epoch_loop
         final = trainer.global_step == trainer.max_steps or (
             trainer.max_epochs not in (None, -1)
             and trainer.current_epoch == trainer.max_epochs - 1
             and epoch_loop.batch_progress.is_last_batch)
-        if final and self._last_global_step_saved != trainer.global_step:
+        due = final
+        if self.every_minutes and not final and trainer.global_step % self.check_every == 0:
+            due = time.monotonic() - self._clock >= 60 * self.every_minutes
+            if trainer.world_size > 1:
+                due = trainer.strategy.broadcast(due)
+        if due and self._last_global_step_saved != trainer.global_step:
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+            self._clock = time.monotonic()
+
+
+class ThroughputAtLogSteps(ThroughputMonitor):
+    """Lightning's ThroughputMonitor (train/samples_per_sec, ...), timed at the steps that log
+    (`log_every_n_steps`) only: the original synchronizes the GPU every step to read the clock.
+    The rate is over the last `window_size` - 1 logging intervals."""
+
+    def __init__(self, batch_size_fn, window_size: int = 5, **kwargs):
+        super().__init__(batch_size_fn=batch_size_fn, window_size=window_size, **kwargs)
+
+    @rank_zero_only
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, *args) -> None:
+        if trainer._logger_connector.should_update_logs:
+            super().on_train_batch_end(trainer, pl_module, outputs, batch, *args)
+        else:  # count the batch; the clock is read (and the GPU synchronized) at the next log
+            stage = trainer.state.stage
+            self._samples[stage] += self.batch_size_fn(batch)
+            self._batches[stage] += 1

@@ -70,6 +70,9 @@ class Step:
     lr: float | None = None  # the optimizer's current lr, known from on_before_optimizer_step
     grads: dict[str, Tensor] | None = None  # the step's .grad, only in on_before_optimizer_step
     in_training_forward: bool = True  # until on_before_optimizer_step
+    # the training forward runs through torch.compile (model.compile): it calls no hooks, so
+    # probes that record activations make their own eager forward instead
+    compiled: bool = False
     histograms: dict[str, Tensor] = field(default_factory=dict)
 
 
@@ -244,6 +247,7 @@ class ActivationStats(Probe):
         self.units, self.histogram_units = units, histogram_units
         self.after_norm, self.seed = after_norm, seed
         self._hooks: list | None = None
+        self._where: dict[str, nn.Module] | None = None  # module path -> module recorded
         self._keys: dict[str, str] = {}  # module path -> layerNN
         self._units: dict[str, Tensor] = {}  # by module path
         self._step: Step | None = None
@@ -259,7 +263,13 @@ class ActivationStats(Probe):
         # numbers and paths resolve against all Conv/Linear layers, as in ICS; activation_modules
         # finds leaf layers only (a layer with parametrizations has none to hook)
         chosen = [n for n in probes.select_layers(list(self._keys), self.layers) if n in where]
-        self._hooks = [where[name].register_forward_hook(self._hook(name)) for name in chosen]
+        self._where = {name: where[name] for name in chosen}
+        # a compiled training forward must never see these hooks (each would break its graph):
+        # then they are attached only around the probe's own eager forward
+        self._hooks = [] if step.compiled else self._attach()
+
+    def _attach(self) -> list:
+        return [m.register_forward_hook(self._hook(name)) for name, m in self._where.items()]
 
     def _hook(self, name: str):
         def record(module, args, out):
@@ -279,9 +289,24 @@ class ActivationStats(Probe):
         return record
 
     def step_start(self, step: Step) -> None:
-        if self._hooks is None:
+        if self._where is None:
             self._install(step)
         self._step, self._values = step, {}
+
+    def before_optimizer_step(self, step: Step) -> None:
+        if not step.compiled or self._step is None:
+            return
+        # The training forward ran compiled: record in an eager forward of the step's batch at
+        # the same weights W^t (parameters, buffers, noise and RNGs restored afterwards).
+        hooks = self._attach()
+        try:
+            with probes.measuring(step.net), torch.no_grad():
+                step.in_training_forward = True
+                step.net(step.inputs)
+        finally:
+            step.in_training_forward = False
+            for h in hooks:
+                h.remove()
 
     def step_end(self, step: Step) -> dict[str, float] | None:
         self._step = None
@@ -322,7 +347,7 @@ class ActivationStats(Probe):
     def teardown(self) -> None:
         for h in self._hooks or []:
             h.remove()
-        self._hooks, self._step = None, None
+        self._hooks, self._where, self._step = None, None, None
 
 
 class Curvature(Probe):
@@ -488,7 +513,8 @@ class Instruments(Callback):
         if not isinstance(batch, (tuple, list)) or len(batch) != 2:
             raise TypeError("Instruments expect batches of (inputs, targets)")
         self._step = Step(index=t, net=pl_module.net, loss_fn=pl_module.loss_fn,
-                          inputs=batch[0], targets=batch[1], sync=trainer.world_size > 1)
+                          inputs=batch[0], targets=batch[1], sync=trainer.world_size > 1,
+                          compiled=bool(getattr(pl_module, "compiles_training_forward", False)))
         self._metrics, self._seconds = {}, {}
         for p in self._active:
             p.hook_seconds = 0.0

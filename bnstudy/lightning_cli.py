@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 import yaml
-from lightning.pytorch.callbacks import LearningRateMonitor, ThroughputMonitor
+from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.cli import LightningCLI
 
 import bnstudy.data  # noqa: F401  (registers the data classes: --data.help DigitsData works)
@@ -39,7 +39,9 @@ from bnstudy.callbacks import (
     ResumeLogs,
     StepEndSignals,
     StepProgressBar,
+    ThroughputAtLogSteps,
 )
+from bnstudy.threads import ThreadsForFit
 from bnstudy.rundir import (
     RunLock,
     UsageError,
@@ -142,6 +144,9 @@ class StudyCLI(LightningCLI):
         parser.add_argument("--run_dir", type=str | None, default=None,
                             help="Directory for all outputs of this run; reusing it resumes. "
                                  "Default: runs/<config>/<time>-<id>.")
+        parser.add_argument("--threads", type=int | None, default=None,
+                            help="torch CPU threads. Default: OMP_NUM_THREADS if set, else the "
+                                 "CPUs this process may use, 1 for tiny models (bnstudy.threads).")
         parser.add_lightning_class_args(DivergenceGuard, "divergence")
         parser.add_argument("--resume_allow", type=list[str], default=[],
                             help="Config keys (dotted, * wildcards) that may differ from the run "
@@ -252,7 +257,8 @@ class StudyCLI(LightningCLI):
         cfg = self.config_init[self.subcommand] if self.subcommand else self.config_init
         extra = [LearningRateMonitor(logging_interval="step")]
         if self.subcommand == "fit":
-            extra += [ThroughputMonitor(batch_size_fn=_batch_size), StepEndSignals(), ResumeLogs()]
+            extra += [ThroughputAtLogSteps(batch_size_fn=_batch_size), StepEndSignals(),
+                      ResumeLogs(), ThreadsForFit(cfg.get("threads"))]
         if cfg.trainer.get("enable_progress_bar") is not False:
             extra.append(StepProgressBar())
         callbacks = list(cfg.trainer.get("callbacks") or []) + extra
@@ -297,7 +303,8 @@ def parse_only(args: list[str]) -> ParseOnlyCLI:
 _ACTIVE: dict = {}
 
 _NOISE = (r".*flops_per_batch.*", r".*isinstance\(treespec, LeafSpec\).*",
-          r".*does not have many workers.*", r".*srun. command is available.*")
+          r".*does not have many workers.*", r".*srun. command is available.*",
+          r".*overridden `on_after_batch_transfer`.*")
 
 
 class _NoTips(logging.Filter):

@@ -23,6 +23,8 @@ Norm = Literal["none", "batch", "noisy_batch", "noise", "l1", "l2", "linf", "lay
 Init = Literal["glorot", "kaiming", "orthogonal", "default"]
 Optimizer = Literal["sgd", "adam", "adamw", "rmsprop"]
 Schedule = Literal["none", "cosine", "step"]
+CompileMode = Literal["auto", "default", "reduce-overhead", "max-autotune",
+                      "max-autotune-no-cudagraphs"]
 
 
 class StudyModule(L.LightningModule):
@@ -39,12 +41,46 @@ class StudyModule(L.LightningModule):
         schedule: Schedule = "none",
         init: Init = "glorot",
         init_scale: float = 1.0,
+        channels_last: bool = False,
+        compile: bool = False,
+        compile_mode: CompileMode = "auto",
     ):
         super().__init__()
         if lr <= 0:
             raise ValueError(f"model.lr must be > 0; got {lr}")
         self.lr = lr
         self.net: nn.Module
+        self._compiled = None  # torch.compile(self.net), built at the first training step
+
+    # -- fast paths (configs/fast.yaml) ----------------------------------------------------------
+    # The net stays the plain nn.Module: probes, checkpoints and DDP see it; only the training
+    # step's forward goes through the compiled wrapper, which shares its parameters and buffers.
+    @property
+    def compiles_training_forward(self) -> bool:
+        """The training step's forward runs through torch.compile (instruments read this)."""
+        return bool(self.hparams.get("compile"))
+
+    def _fast_net(self) -> nn.Module:
+        if not self.hparams.get("compile"):
+            return self.net
+        if self._compiled is None:
+            mode = self.hparams.get("compile_mode", "auto")
+            if mode == "auto":  # CUDA graphs on a GPU: no per-kernel launch cost at all
+                mode = "reduce-overhead" if self.device.type == "cuda" else "default"
+            # kept out of the module tree (object.__setattr__): no second copy in state_dict
+            object.__setattr__(self, "_compiled", torch.compile(self.net, mode=mode))
+        return self._compiled
+
+    def _memory_format(self) -> None:
+        if self.hparams.get("channels_last"):  # NHWC convolutions (tensor cores, bf16)
+            self.net.to(memory_format=torch.channels_last)
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        # here, not in training_step: the instruments then see the very inputs the step sees
+        if self.hparams.get("channels_last") and isinstance(batch, (tuple, list)) \
+                and isinstance(batch[0], torch.Tensor) and batch[0].dim() == 4:
+            batch = (batch[0].contiguous(memory_format=torch.channels_last), *batch[1:])
+        return batch
 
     # -- optimization -------------------------------------------------------------------------
     def configure_optimizers(self):
@@ -85,7 +121,7 @@ class StudyModule(L.LightningModule):
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         x, y = batch
-        out = self.net(x)
+        out = self._fast_net()(x)
         loss = self.loss_fn(out, y)
         self.log("train/loss", loss, prog_bar=True)
         self._update_metrics("train", out, y)
@@ -149,12 +185,17 @@ class VGGModule(StudyModule):
         schedule: Schedule = "none",
         init: Init = "glorot",
         init_scale: float = 1.0,
+        channels_last: bool = False,
+        compile: bool = False,
+        compile_mode: CompileMode = "auto",
     ):
-        super().__init__(lr, optimizer, momentum, weight_decay, betas, schedule, init, init_scale)
+        super().__init__(lr, optimizer, momentum, weight_decay, betas, schedule, init, init_scale,
+                         channels_last, compile, compile_mode)
         self.save_hyperparameters()
         self.net = VGG(depth, width, norm, num_classes, in_channels, image_size, noise, groups,
                        conv_bias)
         self._init_net()
+        self._memory_format()
         # keys are not bare stage names: ModuleDict["train"] would shadow Module.train()
         self.accuracy = nn.ModuleDict({
             # validate_args=False: the per-step input checks cost ~4% of a small CPU step
@@ -194,8 +235,12 @@ class DLNModule(StudyModule):
         schedule: Schedule = "none",
         init: Init = "glorot",
         init_scale: float = 1.0,
+        channels_last: bool = False,
+        compile: bool = False,
+        compile_mode: CompileMode = "auto",
     ):
-        super().__init__(lr, optimizer, momentum, weight_decay, betas, schedule, init, init_scale)
+        super().__init__(lr, optimizer, momentum, weight_decay, betas, schedule, init, init_scale,
+                         channels_last, compile, compile_mode)
         self.save_hyperparameters()
         self.net = DeepLinear(depth, dim, norm, noise, bias, groups)
         self._init_net()

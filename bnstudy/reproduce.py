@@ -244,15 +244,68 @@ def run_all(runs: list[Run], out: Path, steps_scale: float, jobs: int, threads: 
     return results
 
 
-def write_report(run_dirs: list[Path], out: Path) -> bool:
+def write_report(run_dirs: list[Path], out: Path):
+    """The report's claims (a list), or None when the report module is missing."""
     try:
         from bnstudy.report import build_report
     except ImportError:
         print("bnstudy reproduce: the report module is not installed; runs kept, no report",
               file=sys.stderr)
-        return False
-    build_report(run_dirs, out)
-    return True
+        return None
+    return list(getattr(build_report(run_dirs, out), "claims", None) or [])
+
+
+def _cell(text) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def write_summary(out: Path, runs: list[Run], timing: dict, claims, argv: list[str]) -> Path:
+    """out/summary.md: the command, its time, one row per run and the claims table, in Markdown
+    (docs/RESULTS.md quotes it)."""
+    lines = [f"Command: `python -m bnstudy reproduce {' '.join(argv)}`", "",
+             f"Wall time {timing['wall_s'] / 60:.1f} min for this invocation ({timing['jobs']} "
+             f"runs at a time, {timing['threads_per_job']} thread each, {timing['cpu_count']} "
+             f"CPU cores, load average {timing['loadavg_at_start'][0]} at the start and "
+             f"{timing['loadavg_at_end'][0]} at the end); CPU time in the runs "
+             f"{timing['cpu_s'] / 60:.1f} min. Started {timing['started']}.", "",
+             "| run | feeds | steps | final train loss | final test acc | final test loss | "
+             "wall s | CPU s |", "|---|---|---|---|---|---|---|---|"]
+    for run in runs:
+        rows = read_metrics(out / "runs" / run.name)
+        steps = max((int(float(r["step"])) for r in rows if r.get("step")), default=0)
+        cells = [last_value(rows, k) for k in ("train/loss", "val/acc", "val/loss")]
+        info = timing["runs"].get(run.name, {})
+        lines.append("| " + " | ".join(_cell(c) for c in [
+            run.name, run.claims, steps, *(f"{c:.4g}" if c is not None else "-" for c in cells),
+            info.get("wall_s", "-"), info.get("cpu_s", "-")]) + " |")
+    if claims:
+        lines += ["", "| claim | verdict | rule | numbers | note |", "|---|---|---|---|---|"]
+        for c in claims:
+            lines.append("| " + " | ".join(_cell(x) for x in [
+                f"{c.number}. {c.statement}", f"**{c.verdict}**", c.rule,
+                "<br>".join(c.numbers) or "-", c.note or "-"]) + " |")
+    path = out / "summary.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def publish(out: Path, docs: Path, max_width: int = 900) -> list[Path]:
+    """Copy the report's figures (shrunk: at most `max_width` pixels wide, 8-bit palette) and
+    summary.md into `docs`, the files docs/RESULTS.md shows."""
+    from PIL import Image
+
+    docs.mkdir(parents=True, exist_ok=True)
+    written = []
+    for png in sorted((out / "report").glob("*.png")):
+        with Image.open(png) as img:
+            img = img.convert("RGB")
+            if img.width > max_width:
+                img = img.resize((max_width, round(img.height * max_width / img.width)),
+                                 Image.LANCZOS)
+            img.quantize(colors=64).save(docs / png.name, optimize=True)
+        written.append(docs / png.name)
+    (docs / "summary.md").write_text((out / "summary.md").read_text())
+    return written + [docs / "summary.md"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -273,6 +326,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="torch threads per run (default 1: two 1-thread runs use 2 cores "
                              "better than one 2-thread run on these small models)")
     parser.add_argument("--no-report", action="store_true", help="only run, do not draw")
+    parser.add_argument("--docs", type=Path, default=None,
+                        help="also copy the figures (shrunk) and summary.md here, e.g. "
+                             "docs/results for docs/RESULTS.md")
     parser.add_argument("--dry-run", action="store_true", help="print the fit commands and stop")
     args = parser.parse_args(argv)
     if args.steps_scale <= 0 or args.jobs < 1 or args.threads < 1:
@@ -297,8 +353,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     runs_wall = time.time() - started
-    report = not args.no_report and write_report([args.out / "runs" / r.name for r in runs],
-                                                 args.out / "report")
+    claims = None if args.no_report else write_report(
+        [args.out / "runs" / r.name for r in runs], args.out / "report")
+    report = claims is not None
     wall = time.time() - started
     timing = {"plan": args.plan, "wall_s": round(wall, 1), "runs_wall_s": round(runs_wall, 1),
               "report_wall_s": round(wall - runs_wall, 1), "jobs": args.jobs,
@@ -310,6 +367,9 @@ def main(argv: list[str] | None = None) -> int:
                        | {"skipped": bool(r.get("skipped"))} for r in results}}
     timing["cpu_s"] = round(sum(r.get("cpu_s", 0) for r in results if not r.get("skipped")), 1)
     (args.out / "timing.json").write_text(json.dumps(timing, indent=1) + "\n")
+    write_summary(args.out, runs, timing, claims, list(sys.argv[1:] if argv is None else argv))
+    if args.docs is not None and report:
+        print(f"copied {len(publish(args.out, args.docs))} files to {args.docs}")
     failed = [r["name"] for r in results if r["rc"] != 0]
     print(f"bnstudy reproduce {args.plan}: {len(results) - len(failed)}/{len(results)} runs done "
           f"in {wall / 60:.1f} min wall ({timing['cpu_s'] / 60:.1f} CPU min in the runs)"

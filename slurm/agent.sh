@@ -39,7 +39,9 @@ BNSTUDY_PYTHON=${BNSTUDY_PYTHON:-$BNSTUDY_REPO/.venv/bin/python}
 cd "$BNSTUDY_REPO" || exit 2
 [ -x "$BNSTUDY_PYTHON" ] || { echo "BNSTUDY_PYTHON=$BNSTUDY_PYTHON is not executable" >&2; exit 2; }
 export PATH="$(dirname "$BNSTUDY_PYTHON"):$PATH"    # the agent's ${interpreter} is `python`
-export OMP_NUM_THREADS=${SLURM_CPUS_PER_TASK:-1}
+# torch threads: at most one per allocated CPU (without cgroups torch would start one per core
+# of the node), fewer for tiny models where one is fastest (bnstudy/threads.py)
+export BNSTUDY_MAX_THREADS=${SLURM_CPUS_PER_TASK:-1}
 
 echo "[$(date -Is)] worker ${SLURM_ARRAY_TASK_ID:-0} of job ${SLURM_ARRAY_JOB_ID:-${SLURM_JOB_ID:-}} (restart ${SLURM_RESTART_COUNT:-0}): wandb agent --count 1 $sweep"
 "$BNSTUDY_PYTHON" -m wandb agent --count 1 "$sweep" &

@@ -64,8 +64,9 @@ if [ -n "${BNSTUDY_GLOBAL_BATCH:-}" ]; then
 fi
 [ -n "${BNSTUDY_RUN_DIR:-}" ] && extra+=("--run_dir=$BNSTUDY_RUN_DIR")
 
-# one process per GPU; each gets its share of the allocated CPUs for intra-op threads
-export OMP_NUM_THREADS=${SLURM_CPUS_PER_TASK:-1}
+# torch threads: at most one per allocated CPU (without cgroups torch would start one per core
+# of the node), fewer for tiny models where one is fastest (bnstudy/threads.py)
+export BNSTUDY_MAX_THREADS=${SLURM_CPUS_PER_TASK:-1}
 echo "[$(date -Is)] job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}): $nodes node(s) x $per_node process(es), $BNSTUDY_ACCELERATOR"
 srun "$BNSTUDY_PYTHON" -m bnstudy fit "$@" "${extra[@]}" \
     --trainer.accelerator="$BNSTUDY_ACCELERATOR" --trainer.strategy=ddp \

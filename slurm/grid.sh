@@ -82,7 +82,8 @@ esac
 eval "run_args=($line)"  # the line is shell-quoted by `bnstudy grid`
 run_dir=$BNSTUDY_RUNS/$(printf '%04d' "$i")
 
-# one thread per allocated CPU: without cgroups torch would start one per core of the node
-export OMP_NUM_THREADS=${SLURM_CPUS_PER_TASK:-1}
+# torch threads: at most one per allocated CPU (without cgroups torch would start one per core
+# of the node), fewer for tiny models where one is fastest (bnstudy/threads.py)
+export BNSTUDY_MAX_THREADS=${SLURM_CPUS_PER_TASK:-1}
 echo "[$(date -Is)] task $i of job ${SLURM_ARRAY_JOB_ID} (restart ${SLURM_RESTART_COUNT:-0}) on $(hostname): $line $* -> $run_dir"
 srun --ntasks=1 "$BNSTUDY_PYTHON" "${run_args[@]}" "$@" --run_dir="$run_dir"

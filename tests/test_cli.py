@@ -17,7 +17,8 @@ from bnstudy.cli import StudyCLI, cli_main, main
 import wandb_records
 from conftest import REPO
 
-CONFIGS = sorted(p.name for p in (REPO / "configs").glob("*.yaml"))
+PRESETS = {"fast.yaml"}  # composed after a run config (tests/test_speed.py), not runs of their own
+CONFIGS = sorted(p.name for p in (REPO / "configs").glob("*.yaml") if p.name not in PRESETS)
 # VGG-16 and the 25-layer DLN keep their depth: the configs' instruments name their layers
 TINY_VGG = ["--model.width=0.0625", "--data.batch_size=8"]
 TINY_DLN = ["--data.num_samples=64", "--data.steps_per_epoch=2"]

@@ -58,7 +58,7 @@ def reproduce(out, *args, timeout=300):
 
 def test_driver_runs_skips_finished_runs_and_writes_the_report(tmp_path):
     out = tmp_path / "mini"
-    first = reproduce(out)
+    first = reproduce(out, "--docs", str(tmp_path / "docs"))
     assert first.returncode == 0, first.stdout + first.stderr
     names = ["dln_bn_lr1e-6", "vgg_lr0.5"]
     for name in names:
@@ -73,9 +73,15 @@ def test_driver_runs_skips_finished_runs_and_writes_the_report(tmp_path):
     assert set(timing["runs"]) == set(names) and timing["wall_s"] > 0
     assert not any(r["skipped"] for r in timing["runs"].values())
     assert all(r["rc"] == 0 and r["cpu_s"] > 0 for r in timing["runs"].values())
+    summary = (out / "summary.md").read_text()  # what docs/RESULTS.md quotes
+    assert all(f"| {name} |" in summary for name in names)
     try:
         import bnstudy.report  # noqa: F401  (built by its own issue; optional here)
         assert (out / "report" / "index.html").stat().st_size > 0
+        assert "| 1. BN trains faster" in summary  # the claims table
+        pngs = {p.name for p in (out / "report").glob("*.png")}
+        assert pngs and pngs == {p.name for p in (tmp_path / "docs").glob("*.png")}
+        assert (tmp_path / "docs" / "summary.md").read_text() == summary
     except ImportError:
         assert "report module is not installed" in first.stderr
 
