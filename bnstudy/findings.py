@@ -37,6 +37,7 @@ from bnstudy.data import DigitsData, GaussianRegressionData
 from bnstudy.instruments import BNGradientBound, Curvature, Instruments, Landscape
 from bnstudy.models import DeepLinear, init_weights
 from bnstudy.modules import DLNModule, VGGModule
+from bnstudy.threads import ThreadsForFit
 
 PARTS = ("eos", "optimizer", "init", "generalization", "smoother", "lemma45")
 # steps per kind of run, and how often the curvature/landscape probes measure
@@ -89,7 +90,7 @@ def fit(kind: str, steps: int, every: int, seed: int = 0, thm: bool = False,
     if not every:
         probes_ = []
     inst, rec = Instruments(probes_), Record()
-    trainer = L.Trainer(max_steps=steps, accelerator="cpu", devices=1, callbacks=[inst, rec],
+    trainer = L.Trainer(max_steps=steps, accelerator="cpu", devices=1, callbacks=[inst, rec, ThreadsForFit()],
                         logger=False, enable_progress_bar=False, enable_model_summary=False,
                         enable_checkpointing=False, limit_val_batches=0, num_sanity_val_steps=0)
     started = time.perf_counter()

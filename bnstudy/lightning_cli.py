@@ -153,7 +153,7 @@ class StudyCLI(LightningCLI):
                                  "directory's config.yaml when resuming, e.g. "
                                  "--resume_allow=[trainer.val_check_interval]. Always allowed: "
                                  "trainer.max_steps, max_epochs, max_time, enable_progress_bar, "
-                                 "enable_model_summary.")
+                                 "enable_model_summary, and how often last.ckpt is written.")
         parser.add_lightning_class_args(BestCheckpoint, "checkpoint")  # the best checkpoint
         parser.set_defaults({"checkpoint.save_last": False, "checkpoint.monitor": "val/loss",
                              "checkpoint.filename": "best-{step}"})

@@ -168,6 +168,9 @@ def stop_children(grace_s: float = 10.0) -> None:
 
 def run_one(run: Run, out: Path, steps_scale: float, threads: int) -> dict:
     run_dir = out / "runs" / run.name
+    if (run_dir / "done.json").exists():  # finished at another step count: kept, set aside
+        old = json.loads((run_dir / "done.json").read_text()).get("steps", "other")
+        run_dir.rename(run_dir.with_name(f"{run.name}.{old}-steps"))
     run_dir.mkdir(parents=True, exist_ok=True)
     log = out / "logs" / f"{run.name}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
@@ -187,9 +190,19 @@ def run_one(run: Run, out: Path, steps_scale: float, threads: int) -> dict:
     result = {"name": run.name, "rc": rc, "wall_s": round(time.perf_counter() - start, 1),
               "cpu_s": round(usage.ru_utime + usage.ru_stime, 1),
               "command": " ".join(["python", *cmd[1:]]), "log": str(log)}
+    result["steps"] = max(2, round(run.steps * steps_scale))
     if rc == 0:
         (run_dir / "done.json").write_text(json.dumps(result, indent=1) + "\n")
     return result
+
+
+def finished(done: Path, steps: int) -> bool:
+    """The run finished with this many steps (done.json of a run with another --steps-scale, e.g.
+    a smoke test into the same --out, does not count). Runs recorded before the step count was
+    kept count as finished."""
+    if not done.exists():
+        return False
+    return json.loads(done.read_text()).get("steps", steps) == steps
 
 
 def run_all(runs: list[Run], out: Path, steps_scale: float, jobs: int, threads: int) -> list[dict]:
@@ -199,7 +212,7 @@ def run_all(runs: list[Run], out: Path, steps_scale: float, jobs: int, threads: 
     results, todo = [], []
     for run in runs:
         done = out / "runs" / run.name / "done.json"
-        if done.exists():
+        if finished(done, max(2, round(run.steps * steps_scale))):
             results.append({**json.loads(done.read_text()), "skipped": True})
         else:
             todo.append(run)
@@ -214,7 +227,7 @@ def run_all(runs: list[Run], out: Path, steps_scale: float, jobs: int, threads: 
 
         def start(run: Run) -> dict:
             done = out / "runs" / run.name / "done.json"
-            if done.exists():  # finished meanwhile by another invocation (e.g. an --only one)
+            if finished(done, max(2, round(run.steps * steps_scale))):  # finished meanwhile by another invocation (e.g. an --only one)
                 progress.console.print(f"[dim]skipped {run.name} (finished meanwhile)[/dim]")
                 progress.advance(overall)
                 return {**json.loads(done.read_text()), "skipped": True}
@@ -257,7 +270,9 @@ def write_report(run_dirs: list[Path], out: Path):
         print("bnstudy reproduce: the report module is not installed; runs kept, no report",
               file=sys.stderr)
         return None
-    return list(getattr(build_report(run_dirs, out), "claims", None) or [])
+    # W&B only where the user asked for it (WANDB_MODE), never through a key found in ~/.netrc
+    wandb = os.environ.get("WANDB_MODE") in ("online", "offline")
+    return list(getattr(build_report(run_dirs, out, wandb=wandb), "claims", None) or [])
 
 
 def _cell(text) -> str:
@@ -358,8 +373,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     runs_wall = time.time() - started
-    claims = None if args.no_report else write_report(
-        [args.out / "runs" / r.name for r in runs], args.out / "report")
+    # a run that failed before its first step has no metrics.csv: the report takes the others
+    logged = [args.out / "runs" / r.name for r in runs
+              if (args.out / "runs" / r.name / "metrics.csv").exists()]
+    claims = None if args.no_report or not logged else write_report(logged, args.out / "report")
     report = claims is not None
     wall = time.time() - started
     timing = {"plan": args.plan, "wall_s": round(wall, 1), "runs_wall_s": round(runs_wall, 1),

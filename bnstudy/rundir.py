@@ -15,7 +15,8 @@ LOCK_NAME = ".lock"
 # what it computes (`--resume_allow` adds more)
 SAFE_RESUME_CHANGES = ("trainer.max_steps", "trainer.max_epochs", "trainer.max_time",
                        "trainer.enable_progress_bar", "trainer.enable_model_summary",
-                       "resume_allow")
+                       "last_checkpoint.every_n_train_steps", "last_checkpoint.every_minutes",
+                       "last_checkpoint.check_every", "resume_allow")
 # set by the CLI from the run directory itself, or naming the files of the config (not settings)
 _NOT_SETTINGS = ("config", "ckpt_path", "__path__")
 # where the run directory is (absolute or relative, moved, another cwd) is not a setting either
@@ -91,14 +92,16 @@ def flatten(config, prefix: str = "") -> dict:
 
 def config_differences(stored: dict, current: dict, allowed: list[str]) -> list[str]:
     """Dotted keys whose values differ between the stored and the current config, other than
-    the allowed ones (fnmatch patterns, e.g. trainer.max_steps or 'model.*')."""
+    the allowed ones (fnmatch patterns, e.g. trainer.max_steps or 'model.*'). A key the stored
+    config does not have at all is an option added by a later bnstudy: a run made before it can
+    still be resumed."""
     a, b = flatten(stored), flatten(current)
     patterns = list(SAFE_RESUME_CHANGES) + list(_RUN_DIR_PATHS) + list(allowed or [])
     differing = []
     for key in sorted(set(a) | set(b)):
         if key.split(".")[0] in _NOT_SETTINGS or any(fnmatch.fnmatch(key, p) for p in patterns):
             continue
-        if a.get(key) != b.get(key):
+        if key in a and a.get(key) != b.get(key):
             differing.append(key)
     return differing
 

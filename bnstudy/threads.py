@@ -111,7 +111,15 @@ class ThreadsForFit(Callback):
     def setup(self, trainer, pl_module, stage: str) -> None:
         if stage == "fit":
             self._sized = False
+            self._before = torch.get_num_threads()
             self._set(choose_threads(self.threads))
+
+    def teardown(self, trainer, pl_module, stage: str) -> None:
+        # the count is process-wide: a later fit in this process (a notebook, the tests) chooses
+        # from the CPUs again, not from what this fit's model needed
+        if stage == "fit" and getattr(self, "_before", None):
+            torch.set_num_threads(self._before)
+            self._before = None
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if self._sized:

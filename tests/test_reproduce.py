@@ -9,20 +9,9 @@ import sys
 import pytest
 import yaml
 
-from bnstudy.cli import StudyCLI
+from bnstudy.lightning_cli import parse_only
 from bnstudy.reproduce import DLN_STEPS, mini_runs
 from conftest import REPO
-
-
-class ParseOnlyCLI(StudyCLI):
-    def before_instantiate_classes(self) -> None:
-        pass
-
-    def instantiate_classes(self) -> None:
-        pass
-
-    def _run_subcommand(self, subcommand) -> None:
-        pass
 
 
 def test_mini_plan_is_the_papers_grid(tmp_path):
@@ -32,7 +21,7 @@ def test_mini_plan_is_the_papers_grid(tmp_path):
     assert len(runs) == len(mini_runs())  # names are unique: each run has its own directory
     parsed = {}
     for name, run in runs.items():
-        cfg = ParseOnlyCLI(args=run.fit_args(tmp_path / name, 1.0)).config["fit"]
+        cfg = parse_only(["fit", *run.fit_args(tmp_path / name, 1.0)]).config["fit"]
         parsed[name] = (cfg.model.init_args, cfg.trainer.max_steps, cfg.data.init_args)
     dln = {n: p for n, p in parsed.items() if n.startswith("dln")}
     assert {(m.norm, m.lr) for m, _, _ in dln.values()} == {
@@ -75,15 +64,11 @@ def test_driver_runs_skips_finished_runs_and_writes_the_report(tmp_path):
     assert all(r["rc"] == 0 and r["cpu_s"] > 0 for r in timing["runs"].values())
     summary = (out / "summary.md").read_text()  # what docs/RESULTS.md quotes
     assert all(f"| {name} |" in summary for name in names)
-    try:
-        import bnstudy.report  # noqa: F401  (built by its own issue; optional here)
-        assert (out / "report" / "index.html").stat().st_size > 0
-        assert "| 1. BN trains faster" in summary  # the claims table
-        pngs = {p.name for p in (out / "report").glob("*.png")}
-        assert pngs and pngs == {p.name for p in (tmp_path / "docs").glob("*.png")}
-        assert (tmp_path / "docs" / "summary.md").read_text() == summary
-    except ImportError:
-        assert "report module is not installed" in first.stderr
+    assert (out / "report" / "index.html").stat().st_size > 0
+    assert "| 1. BN trains faster" in summary  # the claims table
+    pngs = {p.name for p in (out / "report").glob("*.png")}
+    assert pngs and pngs == {p.name for p in (tmp_path / "docs").glob("*.png")}
+    assert (tmp_path / "docs" / "summary.md").read_text() == summary
 
     # a rerun skips both finished runs and leaves their files alone; a run whose done.json is
     # gone (an interrupted run) runs again
@@ -97,6 +82,13 @@ def test_driver_runs_skips_finished_runs_and_writes_the_report(tmp_path):
         "vgg_lr0.5": True, "dln_bn_lr1e-6": False}
     assert (out / "runs" / "vgg_lr0.5" / "metrics.csv").read_bytes() == metrics
     assert (out / "runs" / "dln_bn_lr1e-6" / "done.json").exists()
+
+    # a run finished at another step budget is run again; the earlier one is kept beside it
+    third = reproduce(out, "--no-report", "--only", "vgg_lr0.5", "--steps-scale", "0.0015")
+    assert third.returncode == 0, third.stdout + third.stderr
+    assert "skipped vgg_lr0.5" not in third.stdout
+    assert json.loads((out / "runs" / "vgg_lr0.5" / "done.json").read_text())["steps"] == 3
+    assert (out / "runs" / "vgg_lr0.5.2-steps" / "metrics.csv").read_bytes() == metrics
 
 
 def test_bad_arguments_fail_with_one_line(tmp_path):

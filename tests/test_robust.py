@@ -402,3 +402,20 @@ def test_grid_catches_a_parameter_the_cli_does_not_know(tmp_path, capsys, monkey
     assert main(["grid", "--check", str(good), "--", "--trainer.max_stepz=3"]) == 2
     line = one_error_line(capsys.readouterr().err, "bnstudy grid: error: ")
     assert "unknown key trainer.max_stepz" in line
+
+
+def test_config_check_ignores_new_options_paths_and_checkpoint_cadence():
+    """A run made by an older bnstudy (no such key stored), moved or named by another path, or
+    resumed with another last.ckpt cadence is the same run; a changed setting is not."""
+    from bnstudy.rundir import config_differences
+
+    stored = {"run_dir": "runs/a", "model": {"init_args": {"lr": 0.1}},
+              "last_checkpoint": {"every_n_train_steps": 100},
+              "trainer": {"default_root_dir": "runs/a", "logger": [{"init_args": {"save_dir": "runs/a"}}]}}
+    current = {"run_dir": "/abs/runs/a", "model": {"init_args": {"lr": 0.1, "compile": False}},
+               "last_checkpoint": {"every_n_train_steps": None, "every_minutes": 10.0},
+               "trainer": {"default_root_dir": "/abs/runs/a",
+                           "logger": [{"init_args": {"save_dir": "/abs/runs/a"}}]}}
+    assert config_differences(stored, current, []) == []
+    current["model"]["init_args"]["lr"] = 0.5
+    assert config_differences(stored, current, []) == ["model.init_args.lr"]
