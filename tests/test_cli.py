@@ -13,7 +13,8 @@ import pytest
 import torch
 import yaml
 
-from bnstudy.cli import StudyCLI, cli_main, main
+from bnstudy.cli import cli_main, main
+from bnstudy.lightning_cli import parse_only
 import wandb_records
 from conftest import REPO
 
@@ -64,18 +65,6 @@ def test_all_paper_configs_exist():
     assert want <= set(CONFIGS)
 
 
-class ParseOnlyCLI(StudyCLI):
-    """The CLI up to and including parsing; builds nothing."""
-
-    def before_instantiate_classes(self) -> None:
-        pass
-
-    def instantiate_classes(self) -> None:
-        pass
-
-    def _run_subcommand(self, subcommand) -> None:
-        pass
-
 
 def test_one_shared_logger_and_instruments_block_feeds_every_config(tmp_path):
     """configs/common/*.yaml hold the loggers and the paper's instruments once: an edit there
@@ -88,7 +77,7 @@ def test_one_shared_logger_and_instruments_block_feeds_every_config(tmp_path):
     path = configs / "common" / "loggers.yaml"
     path.write_text(path.read_text().replace("project: bnstudy", "project: edited"))
     for config in CONFIGS:
-        cfg = ParseOnlyCLI(args=["fit", "--config", str(configs / config)]).config["fit"]
+        cfg = parse_only(["fit", "--config", str(configs / config)]).config["fit"]
         assert [lg.init_args.project for lg in cfg.trainer.logger[:1]] == ["edited"], config
         assert cfg.trainer.logger[1].class_path == "bnstudy.loggers.StudyCSVLogger", config
         if config != "quickstart.yaml":

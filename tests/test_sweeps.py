@@ -13,7 +13,8 @@ import pytest
 import yaml
 
 from bnstudy import grid
-from bnstudy.cli import StudyCLI, main
+from bnstudy.cli import main
+from bnstudy.lightning_cli import parse_only
 
 REPO = Path(__file__).resolve().parents[1]
 SWEEPS = sorted((REPO / "sweeps").glob("*.yaml"))
@@ -37,25 +38,13 @@ def load(path: Path) -> dict:
     return yaml.safe_load(path.read_text())
 
 
-class ParseOnlyCLI(StudyCLI):
-    """bnstudy's CLI up to and including argument parsing and validation; builds nothing."""
-
-    def before_instantiate_classes(self) -> None:
-        pass
-
-    def instantiate_classes(self) -> None:
-        pass
-
-    def _run_subcommand(self, subcommand) -> None:
-        pass
-
 
 @pytest.fixture(scope="module")
 def parser():
     """One parser for all commands (building LightningCLI's parser is the slow part)."""
     sweep = load(SWEEPS[0])
     argv = grid.agent_command(sweep, grid.expand(sweep)[0])[4:]
-    return ParseOnlyCLI(args=argv, run=True).parser
+    return parse_only(argv).parser
 
 
 def parsed_value(config, name: str):
