@@ -2,7 +2,7 @@
 cases, on an idle machine and beside a process that keeps one core busy.
 
     .venv/bin/python bench/bench_overhead.py                 # both cases, idle and busy (~8 min)
-    .venv/bin/python bench/bench_overhead.py --repo /work/main   # the same, another checkout's code
+    .venv/bin/python bench/bench_overhead.py --repo ../old-checkout  # the same, another checkout's code
 
 Cases (instruments off, validation off; everything else as the config has it: the W&B logger
 (offline) and the CSV logger, the progress bar, LR and throughput monitors, checkpoints):

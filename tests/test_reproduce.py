@@ -21,7 +21,7 @@ def test_mini_plan_is_the_papers_grid(tmp_path):
     assert len(runs) == len(mini_runs())  # names are unique: each run has its own directory
     parsed = {}
     for name, run in runs.items():
-        cfg = parse_only(["fit", *run.fit_args(tmp_path / name, 1.0)]).config["fit"]
+        cfg = parse_only(run.fit_args(tmp_path / name, 1.0)).config["fit"]
         parsed[name] = (cfg.model.init_args, cfg.trainer.max_steps, cfg.data.init_args)
     dln = {n: p for n, p in parsed.items() if n.startswith("dln")}
     assert {(m.norm, m.lr) for m, _, _ in dln.values()} == {
