@@ -54,7 +54,8 @@ def user_threads() -> int | None:
 
 def forward_macs(net: nn.Module, inputs: torch.Tensor) -> int:
     """Multiply-adds of the Conv/Linear layers in one forward pass of the batch `inputs`, counted
-    on its first sample (on a copy of `net` in eval mode, so the model's buffers, noise and RNG
+    on its first two samples (one alone can be too few for a norm layer: GroupNorm over 1x1 maps
+    refuses a single value per group) (on a copy of `net` in eval mode, so the model's buffers, noise and RNG
     streams are not touched) and scaled to the batch."""
     twin = copy.deepcopy(net).eval()
     total = 0
@@ -68,15 +69,16 @@ def forward_macs(net: nn.Module, inputs: torch.Tensor) -> int:
 
     hooks = [m.register_forward_hook(count) for m in twin.modules()
              if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d))]
+    sample = inputs[:2]
     state = torch.get_rng_state()
     try:
         with torch.no_grad():
-            twin(inputs[:1])
+            twin(sample)
     finally:
         torch.set_rng_state(state)
         for h in hooks:
             h.remove()
-    return total * len(inputs)
+    return total * len(inputs) // len(sample)
 
 
 def choose_threads(requested: int | None = None, macs: int | None = None) -> int:
