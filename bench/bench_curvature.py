@@ -22,37 +22,13 @@ import functools
 import time
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from bnstudy import probes  # noqa: E402
-from bnstudy.models import VGG, DeepLinear, init_weights  # noqa: E402
+from bench_probes import PROBLEMS  # noqa: E402  (the same models and batches as the probes' bench)
 
 print = functools.partial(print, flush=True)  # noqa: A001 (progress as it comes)
 TARGETS = {"warm_hvps": 10, "hvp_steps": 2.5}
-
-
-def vgg_problem():
-    torch.manual_seed(0)
-    model = VGG(16, 0.25, "batch")
-    init_weights(model)
-    x, y = torch.randn(128, 3, 32, 32), torch.randint(0, 10, (128,))
-    return model, F.cross_entropy, x, y, 0.1
-
-
-def dln_problem(norm: str):
-    def problem():
-        torch.manual_seed(0)
-        model = DeepLinear(25, 10, norm)
-        init_weights(model)
-        x = torch.randn(1000, 10)
-        y = x @ torch.randn(10, 10)
-        return model, lambda o, t: F.mse_loss(o, t, reduction="sum"), x, y, 1e-6
-    return problem
-
-
-PROBLEMS = {"VGG-16 w0.25 BN, batch 128": vgg_problem, "DLN-25, batch 1000": dln_problem("none"),
-            "DLN-25 BN, batch 1000": dln_problem("batch")}
 
 
 def costs(problem, repeats: int) -> dict[str, float]:
