@@ -115,6 +115,14 @@ class Probe:
     def teardown(self) -> None:
         pass
 
+    def state_dict(self) -> dict:
+        """What the probe carries from one measurement to the next, saved in checkpoints so that
+        a resumed run measures as one never stopped (most probes carry nothing)."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
 
 class ICS(Probe):
     """Internal covariate shift (Definition 2.1) of `layers` (all Conv/Linear layers if None):
@@ -397,6 +405,12 @@ class Curvature(Probe):
     def teardown(self) -> None:
         self._vectors = None  # the next fit may train another model
 
+    def state_dict(self) -> dict:
+        return {"vectors": self._vectors}  # the warm start survives a resume
+
+    def load_state_dict(self, state: dict) -> None:
+        self._vectors = state.get("vectors")
+
 
 class BNGradientBound(Probe):
     """Theorem 4.1 on live training (`probes.bn_gradient_bound`), for the BatchNorm after each
@@ -494,6 +508,14 @@ class Instruments(Callback):
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         for p in self.probes:
             p.teardown()
+
+    def state_dict(self) -> dict:
+        return {p.name: state for p in self.probes if (state := p.state_dict())}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        for p in self.probes:
+            if p.name in state_dict:
+                p.load_state_dict(state_dict[p.name])
 
     def _run(self, trainer: L.Trainer, probe: Probe, hook: str) -> None:
         started = time.perf_counter()

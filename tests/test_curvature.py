@@ -205,3 +205,29 @@ def test_theorem_4_1_on_conv_layers_counts_positions_as_samples():
     for r in result.values():
         assert r["ratio_exact"] == pytest.approx(1, rel=1e-5)
         assert r["holds_rederived"] == 1 and r["holds_printed"] < 1
+
+
+def test_a_resumed_run_measures_lambda_max_as_one_never_stopped(in_tmp, monkeypatch):
+    """The warm start travels in the checkpoint: after a resume, curv/lambda_max and the products
+    it took are those of the uninterrupted run, to the bit (a cold start costs more products and
+    lands elsewhere within the tolerance)."""
+    from bnstudy.cli import cli_main
+    from test_cli import last, read_metrics, tiny_args
+
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    base = [*tiny_args("dln_bn.yaml"), "--data.steps_per_epoch=20"]
+    cli_main(["fit", *base, "--trainer.max_steps=20", "--run_dir=whole"])
+    cli_main(["fit", *base, "--trainer.max_steps=10", "--run_dir=parts"])
+    cli_main(["fit", *base, "--trainer.max_steps=20", "--run_dir=parts",
+              "--ckpt_path=parts/checkpoints/last.ckpt"])
+
+    def curvature(run_dir):
+        return {int(r["step"]): (r["curv/lambda_max"], r["curv/hvps"])
+                for r in read_metrics(in_tmp / run_dir) if r.get("curv/lambda_max")}
+
+    whole, parts = curvature("whole"), curvature("parts")
+    assert sorted(whole) == [0, 1, 2, 4, 8, 16] and sorted(parts) == sorted(whole)
+    assert parts[16] == whole[16]  # measured after the resume, warm-started from step 8's vector
+    assert parts == whole
+    assert last(read_metrics(in_tmp / "whole"), "train/loss") == last(
+        read_metrics(in_tmp / "parts"), "train/loss")
