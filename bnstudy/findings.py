@@ -51,7 +51,11 @@ BUDGETS = {
     "tiny": {"dln_steps": 2, "dln_every": 2, "vgg_steps": 2, "vgg_every": 2, "seeds": 2,
              "lemma_steps": 5, "matched_acc": 0.0, "max_iter": 3},
 }
-VGG_TINY = {"depth": 11, "width": 0.125}  # on 8x8 digits: 1..64 channels
+VGG_TINY = {"depth": 11, "width": 0.125}  # 8..64 channels
+# The digits' side for the VGG parts. At 8x8 the deep convs run on 1x1 maps where Glorot's scale
+# starves the signal and no network without a norm leaves chance (docs/RESULTS.md, "why 32x32");
+# 32 upscales them to CIFAR's shape (three channels) at about 10x the CPU time.
+VGG_IMAGE_SIZE = 8
 
 
 class Record(Callback):
@@ -60,8 +64,11 @@ class Record(Callback):
     def __init__(self):
         self.loss: list[tuple[int, float]] = []
         self.acc: list[tuple[int, float]] = []
+        self.input_shape: list[int] | None = None
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if self.input_shape is None:
+            self.input_shape = list(batch[0].shape)
         step = trainer.global_step - 1
         self.loss.append((step, float(outputs["loss"])))
         acc = trainer.callback_metrics.get("train/acc")
@@ -70,7 +77,8 @@ class Record(Callback):
 
 
 def fit(kind: str, steps: int, every: int, seed: int = 0, thm: bool = False,
-        log_spaced: bool = False, max_iter: int = 30, **model_kw) -> dict:
+        log_spaced: bool = False, max_iter: int = 30, image_size: int = VGG_IMAGE_SIZE,
+        **model_kw) -> dict:
     """One Lightning fit with Curvature and Landscape (and Theorem 4.1 on BN runs) every `every`
     steps (every=0: no probes), also at 0, 1, 2, 4, ... if `log_spaced`; returns the logged
     series and the final train/test accuracy (VGG)."""
@@ -80,9 +88,10 @@ def fit(kind: str, steps: int, every: int, seed: int = 0, thm: bool = False,
         data = GaussianRegressionData(dim=10, num_samples=1000, seed=0)
         land = Landscape(lr_logspace=(0.01, 30, 8), every=every, log_spaced=log_spaced)
     else:
-        data = DigitsData(batch_size=64, seed=seed)
-        module = VGGModule(**{**VGG_TINY, **model_kw}, num_classes=10, in_channels=1,
-                           image_size=8)
+        channels = 1 if image_size == 8 else 3  # upscaled digits: CIFAR's three channels
+        data = DigitsData(batch_size=64, seed=seed, image_size=image_size, channels=channels)
+        module = VGGModule(**{**VGG_TINY, **model_kw}, num_classes=10, in_channels=channels,
+                           image_size=image_size)
         land = Landscape(lr_multiples=[0.5, 1, 2, 4], every=every, log_spaced=log_spaced)
     probes_ = [Curvature(every=every, log_spaced=log_spaced, tol=1e-3, max_iter=max_iter), land]
     if thm and model_kw.get("norm") == "batch":
@@ -96,6 +105,7 @@ def fit(kind: str, steps: int, every: int, seed: int = 0, thm: bool = False,
     started = time.perf_counter()
     trainer.fit(module, data)
     out = {"loss": rec.loss, "acc": rec.acc, "seconds": time.perf_counter() - started,
+           "input_shape": rec.input_shape,
            "metrics": [(s, {k: v for k, v in m.items() if not k.startswith("time/")})
                        for s, m in inst.history]}
     if kind == "vgg":
@@ -142,10 +152,12 @@ def _progress(i: int, n: int, name: str, started: float) -> None:
     print(f"[{i}/{n}] {name}  ({time.perf_counter() - started:.0f} s so far)", flush=True)
 
 
-def _runs(plan: list[tuple[str, dict]], label: str) -> dict[str, dict]:
+def _runs(plan: list[tuple[str, dict]], label: str, b: dict) -> dict[str, dict]:
     out, started = {}, time.perf_counter()
     for i, (name, kw) in enumerate(plan, 1):
         _progress(i, len(plan), f"{label}: {name}", started)
+        if kw["kind"] == "vgg":
+            kw = {**kw, "image_size": b.get("vgg_image_size", VGG_IMAGE_SIZE)}
         out[name] = fit(**kw)
     return out
 
@@ -160,7 +172,7 @@ def part_eos(b: dict) -> dict:
                                                  every=b["vgg_every"], lr=lr, norm=norm, thm=True,
                                                  max_iter=b["max_iter"]))
              for lr in (0.1, 0.5) for norm in ("none", "batch")]
-    return _runs(plan, "eos")
+    return _runs(plan, "eos", b)
 
 
 def part_optimizer(b: dict) -> dict:
@@ -170,7 +182,7 @@ def part_optimizer(b: dict) -> dict:
     plan = [(f"{o} norm={norm}", dict(kind="vgg", steps=b["vgg_steps"], every=b["vgg_every"],
                                       max_iter=b["max_iter"], norm=norm, **kw))
             for o, kw in opts.items() for norm in ("none", "batch")]
-    return _runs(plan, "optimizer")
+    return _runs(plan, "optimizer", b)
 
 
 def part_init(b: dict) -> dict:
@@ -178,14 +190,14 @@ def part_init(b: dict) -> dict:
                                          max_iter=b["max_iter"], norm=norm, init=init, lr=0.1,
                                          depth=16))
             for init in ("glorot", "kaiming", "orthogonal", "default") for norm in ("none", "batch")]
-    return _runs(plan, "init")
+    return _runs(plan, "init", b)
 
 
 def part_generalization(b: dict) -> dict:
     plan = [(f"norm={norm} seed={s}", dict(kind="vgg", steps=b["vgg_steps"], every=0,
                                            norm=norm, lr=0.1, seed=s))
             for norm in ("none", "batch") for s in range(b["seeds"])]
-    return _runs(plan, "generalization")
+    return _runs(plan, "generalization", b)
 
 
 def part_smoother(b: dict) -> dict:
@@ -193,7 +205,7 @@ def part_smoother(b: dict) -> dict:
                                   every=b["vgg_every"] // 2 or 1, max_iter=b["max_iter"],
                                   norm=norm, lr=0.1))
             for norm in ("none", "batch", "layer", "group", "l1", "l2", "linf")]
-    return _runs(plan, "smoother")
+    return _runs(plan, "smoother", b)
 
 
 def matched(run: dict, level: float) -> dict:
@@ -392,8 +404,9 @@ def _save(out: Path, found: dict) -> None:
     path.write_text(json.dumps({**old, **found}, indent=1))
 
 
-def run(out: Path, budget: str = "mini", only: list[str] | None = None) -> dict:
-    b = BUDGETS[budget]
+def run(out: Path, budget: str = "mini", only: list[str] | None = None,
+        vgg_image_size: int = VGG_IMAGE_SIZE) -> dict:
+    b = {**BUDGETS[budget], "vgg_image_size": vgg_image_size}
     out.mkdir(parents=True, exist_ok=True)
     parts = list(only or PARTS)
     found: dict = {"budget": budget, "settings": b}
@@ -514,6 +527,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="results/findings", help="output folder")
     parser.add_argument("--budget", choices=list(BUDGETS), default="mini")
     parser.add_argument("--only", nargs="+", choices=PARTS, help="run only these parts")
+    parser.add_argument("--vgg-image-size", type=int, choices=(8, 32), default=VGG_IMAGE_SIZE,
+                        help="side of the digits for the VGG parts: 8 (default, fast; no network "
+                             "without a norm trains there) or 32 (CIFAR's shape, ~10x slower)")
     parser.add_argument("--tables", action="store_true",
                         help="print OUT/findings.json as markdown tables; run nothing")
     args = parser.parse_args(argv)
@@ -524,6 +540,6 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("lightning.pytorch", "lightning.pytorch.utilities.rank_zero", "lightning.fabric"):
         logging.getLogger(name).setLevel(logging.ERROR)
     started = time.perf_counter()
-    run(Path(args.out), args.budget, args.only)
+    run(Path(args.out), args.budget, args.only, args.vgg_image_size)
     print(f"findings written to {args.out} in {time.perf_counter() - started:.0f} s")
     return 0

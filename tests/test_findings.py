@@ -59,3 +59,15 @@ def test_matched_accuracy_picks_the_first_measurement_at_the_level():
                        for s in (0, 25, 50, 75)]}
     assert matched(run, 0.9) == {"step": 50, "lambda_max": 50.0, "beta_eff": 100.0}
     assert matched(run, 0.99)["step"] is None
+
+
+def test_vgg_parts_run_on_the_cifar_shaped_digits_when_asked():
+    """--vgg-image-size 32: the VGG parts train on 3x32x32 digits (all five pools run), and the
+    probes measure there."""
+    from bnstudy import findings
+
+    run = findings.fit(kind="vgg", steps=2, every=1, norm="none", lr=0.1, image_size=32)
+    assert run["input_shape"] == [64, 3, 32, 32]
+    assert [s for s, m in run["metrics"] if "curv/lambda_max" in m] == [0, 1]
+    assert findings.fit(kind="vgg", steps=1, every=0, norm="batch", lr=0.1)["input_shape"] == [
+        64, 1, 8, 8]  # the default stays the fast 8x8
