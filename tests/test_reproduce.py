@@ -84,7 +84,9 @@ def test_driver_runs_skips_finished_runs_and_writes_the_report(tmp_path):
     assert (out / "runs" / "dln_bn_lr1e-6" / "done.json").exists()
 
     # a run finished at another step budget is run again; the earlier one is kept beside it
-    third = reproduce(out, "--no-report", "--only", "vgg_lr0.5", "--steps-scale", "0.0015")
+    from bnstudy.reproduce import VGG_STEPS
+
+    third = reproduce(out, "--no-report", "--only", "vgg_lr0.5", "--steps-scale", str(3 / VGG_STEPS))
     assert third.returncode == 0, third.stdout + third.stderr
     assert "skipped vgg_lr0.5" not in third.stdout
     assert json.loads((out / "runs" / "vgg_lr0.5" / "done.json").read_text())["steps"] == 3
