@@ -287,9 +287,16 @@ def write_summary(out: Path, runs: list[Run], timing: dict, claims, argv: list[s
              f"runs at a time, {timing['threads_per_job']} thread each, {timing['cpu_count']} "
              f"CPU cores, load average {timing['loadavg_at_start'][0]} at the start and "
              f"{timing['loadavg_at_end'][0]} at the end); CPU time in the runs "
-             f"{timing['cpu_s'] / 60:.1f} min. Started {timing['started']}.", "",
-             "| run | feeds | steps | final train loss | final test acc | final test loss | "
-             "wall s | CPU s |", "|---|---|---|---|---|---|---|---|"]
+             f"{timing['cpu_s'] / 60:.1f} min. Started {timing['started']}.", ""]
+    whole = [i for i in timing.get("invocations", []) if i["ran"] == i["of"] == len(runs)]
+    if whole:  # the newest invocation that ran every run: the plan's own time
+        i = whole[-1]
+        lines[-1:] = [f"The whole plan, all {i['of']} runs in one invocation: {i['wall_s'] / 60:.1f} "
+                      f"min wall, {i['cpu_s'] / 60:.1f} CPU min in the runs ({i['jobs']} runs at a "
+                      f"time, steps scale {i['steps_scale']:g}, load average "
+                      f"{i['loadavg_at_start'][0]} at the start; started {i['started']}).", ""]
+    lines += ["| run | feeds | steps | final train loss | final test acc | final test loss | "
+              "wall s | CPU s |", "|---|---|---|---|---|---|---|---|"]
     for run in runs:
         rows = read_metrics(out / "runs" / run.name)
         steps = max((int(float(r["step"])) for r in rows if r.get("step")), default=0)
@@ -388,7 +395,15 @@ def main(argv: list[str] | None = None) -> int:
               "runs": {r["name"]: {k: r[k] for k in ("rc", "wall_s", "cpu_s") if k in r}
                        | {"skipped": bool(r.get("skipped"))} for r in results}}
     timing["cpu_s"] = round(sum(r.get("cpu_s", 0) for r in results if not r.get("skipped")), 1)
-    (args.out / "timing.json").write_text(json.dumps(timing, indent=1) + "\n")
+    # every invocation is kept: a rerun that only redraws the report must not replace the time
+    # of the one that ran the plan
+    path = args.out / "timing.json"
+    previous = json.loads(path.read_text()).get("invocations", []) if path.exists() else []
+    timing["invocations"] = previous + [{
+        **{k: timing[k] for k in ("started", "wall_s", "cpu_s", "jobs", "threads_per_job",
+                                  "steps_scale", "loadavg_at_start", "loadavg_at_end")},
+        "ran": sum(not r.get("skipped") for r in results), "of": len(results)}]
+    path.write_text(json.dumps(timing, indent=1) + "\n")
     write_summary(args.out, runs, timing, claims, list(sys.argv[1:] if argv is None else argv))
     if args.docs is not None and report:
         print(f"copied {len(publish(args.out, args.docs))} files to {args.docs}")

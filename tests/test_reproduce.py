@@ -80,6 +80,11 @@ def test_driver_runs_skips_finished_runs_and_writes_the_report(tmp_path):
     timing = json.loads((out / "timing.json").read_text())
     assert {n: r["skipped"] for n, r in timing["runs"].items()} == {
         "vgg_lr0.5": True, "dln_bn_lr1e-6": False}
+    # the first invocation, which ran the whole plan, keeps its time in the record
+    assert [(i["ran"], i["of"]) for i in timing["invocations"]] == [(2, 2), (1, 2)]
+    first_wall = timing["invocations"][0]["wall_s"]
+    assert f"all 2 runs in one invocation: {first_wall / 60:.1f} min wall" in (
+        out / "summary.md").read_text()
     assert (out / "runs" / "vgg_lr0.5" / "metrics.csv").read_bytes() == metrics
     assert (out / "runs" / "dln_bn_lr1e-6" / "done.json").exists()
 
