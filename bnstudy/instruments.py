@@ -38,6 +38,7 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
 from bnstudy import probes
@@ -369,25 +370,56 @@ class Curvature(Probe):
     (2 / lr: full-batch gradient descent on a quadratic diverges once lambda_max exceeds it, the
     "edge of stability" of Cohen et al. 2021; for momentum or Adam the threshold differs), and
     with `trace_samples` > 0 the Hutchinson estimate curv/trace and its standard error
-    curv/trace_se."""
+    curv/trace_se.
+
+    `fixed_batch=True` measures every time on the batch of the first measured step instead (each
+    DDP process keeps its own, so the loss is that of the first global batch; saved in
+    checkpoints): the sharpness of one fixed loss along the trajectory, as Cohen et al. track it
+    on a fixed subset, free of batch-to-batch noise. The warm start then follows one surface and
+    costs about half the products of the step's batch on VGG (bench/bench_curvature.py)."""
 
     name = "curv"
 
     def __init__(self, k: int = 1, tol: float = 1e-3, max_iter: int = 50,
-                 trace_samples: int = 0, seed: int = 0, every: int = 100,
-                 log_spaced: bool = True, start: int = 0, stop: int | None = None):
+                 trace_samples: int = 0, seed: int = 0, fixed_batch: bool = False,
+                 every: int = 100, log_spaced: bool = True, start: int = 0,
+                 stop: int | None = None):
         super().__init__(every, log_spaced, start, stop)
         if k < 1:
             raise ValueError(f"k must be >= 1; got {k}")
         if trace_samples == 1 or trace_samples < 0:
             raise ValueError(f"trace_samples must be 0 (off) or >= 2; got {trace_samples}")
         self.k, self.tol, self.max_iter = k, tol, max_iter
-        self.trace_samples, self.seed = trace_samples, seed
+        self.trace_samples, self.seed, self.fixed_batch = trace_samples, seed, fixed_batch
         self._vectors: list[dict[str, Tensor]] | None = None  # warm start
+        # fixed_batch: every process's (inputs, targets), on the CPU, indexed by rank; all of
+        # them so that the checkpoint (written by rank 0) resumes every rank on its own batch
+        self._batches: list[tuple[Tensor, Tensor]] | None = None
+
+    def _batch(self, step: Step) -> tuple[Tensor, Tensor]:
+        if not self.fixed_batch:
+            return step.inputs, step.targets
+        world = torch.distributed.get_world_size() if step.sync else 1
+        rank = torch.distributed.get_rank() if step.sync else 0
+        if self._batches is not None and len(self._batches) != world:
+            rank_zero_warn(f"Curvature(fixed_batch=True): the saved batches are of "
+                           f"{len(self._batches)} processes, this run has {world}; measuring "
+                           f"from now on on this step's batch as the new fixed one")
+            self._batches = None
+        if self._batches is None:
+            mine = (step.inputs.detach().cpu().clone(), step.targets.detach().cpu().clone())
+            if step.sync:
+                self._batches = [None] * world
+                torch.distributed.all_gather_object(self._batches, mine)
+            else:
+                self._batches = [mine]
+        x, y = self._batches[rank]
+        return x.to(step.inputs.device), y.to(step.targets.device)
 
     def before_optimizer_step(self, step: Step) -> dict[str, float]:
         seed = self.seed * 1_000_003 + step.index  # the same on every DDP process
-        result = probes.hessian_eigs(step.net, step.loss_fn, step.inputs, step.targets, self.k,
+        inputs, targets = self._batch(step)
+        result = probes.hessian_eigs(step.net, step.loss_fn, inputs, targets, self.k,
                                      tol=self.tol, max_iter=self.max_iter, init=self._vectors,
                                      seed=seed, sync=step.sync)
         self._vectors = [{n: t.clone() for n, t in v.items()} for v in result["vectors"]]
@@ -397,19 +429,21 @@ class Curvature(Probe):
         for i, v in enumerate(values[1:], start=2):
             metrics[f"curv/lambda_{i}"] = v
         if self.trace_samples:
-            trace = probes.hessian_trace(step.net, step.loss_fn, step.inputs, step.targets,
+            trace = probes.hessian_trace(step.net, step.loss_fn, inputs, targets,
                                          self.trace_samples, seed=seed, sync=step.sync)
             metrics.update({"curv/trace": trace["trace"], "curv/trace_se": trace["se"]})
         return metrics
 
     def teardown(self) -> None:
-        self._vectors = None  # the next fit may train another model
+        self._vectors = self._batches = None  # the next fit may train another model
 
     def state_dict(self) -> dict:
-        return {"vectors": self._vectors}  # the warm start survives a resume
+        # the warm start (and the fixed batch) survive a resume
+        return {"vectors": self._vectors, "batches": self._batches}
 
     def load_state_dict(self, state: dict) -> None:
         self._vectors = state.get("vectors")
+        self._batches = state.get("batches") if self.fixed_batch else None
 
 
 class BNGradientBound(Probe):

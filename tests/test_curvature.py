@@ -3,6 +3,7 @@ exact oracles; Theorem 4.1's two sides against a closed form; the measurement in
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -207,27 +208,49 @@ def test_theorem_4_1_on_conv_layers_counts_positions_as_samples():
         assert r["holds_rederived"] == 1 and r["holds_printed"] < 1
 
 
+def whole_and_resumed(base: list[str], steps: int, stop: int) -> tuple[dict, dict]:
+    """{step: (curv/lambda_max, curv/hvps)} of a CLI fit of `steps` steps in run_dir "whole" and
+    of one stopped at `stop` and resumed from its checkpoint in run_dir "parts"."""
+    from bnstudy.cli import cli_main
+    from test_cli import read_metrics
+
+    cli_main(["fit", *base, f"--trainer.max_steps={steps}", "--run_dir=whole"])
+    cli_main(["fit", *base, f"--trainer.max_steps={stop}", "--run_dir=parts"])
+    cli_main(["fit", *base, f"--trainer.max_steps={steps}", "--run_dir=parts",
+              "--ckpt_path=parts/checkpoints/last.ckpt"])
+    return tuple({int(r["step"]): (r["curv/lambda_max"], r["curv/hvps"])
+                  for r in read_metrics(Path(run_dir)) if r.get("curv/lambda_max")}
+                 for run_dir in ("whole", "parts"))
+
+
 def test_a_resumed_run_measures_lambda_max_as_one_never_stopped(in_tmp, monkeypatch):
     """The warm start travels in the checkpoint: after a resume, curv/lambda_max and the products
     it took are those of the uninterrupted run, to the bit (a cold start costs more products and
     lands elsewhere within the tolerance)."""
-    from bnstudy.cli import cli_main
     from test_cli import last, read_metrics, tiny_args
 
     monkeypatch.setenv("WANDB_MODE", "disabled")
-    base = [*tiny_args("dln_bn.yaml"), "--data.steps_per_epoch=20"]
-    cli_main(["fit", *base, "--trainer.max_steps=20", "--run_dir=whole"])
-    cli_main(["fit", *base, "--trainer.max_steps=10", "--run_dir=parts"])
-    cli_main(["fit", *base, "--trainer.max_steps=20", "--run_dir=parts",
-              "--ckpt_path=parts/checkpoints/last.ckpt"])
-
-    def curvature(run_dir):
-        return {int(r["step"]): (r["curv/lambda_max"], r["curv/hvps"])
-                for r in read_metrics(in_tmp / run_dir) if r.get("curv/lambda_max")}
-
-    whole, parts = curvature("whole"), curvature("parts")
+    whole, parts = whole_and_resumed([*tiny_args("dln_bn.yaml"), "--data.steps_per_epoch=20"],
+                                     steps=20, stop=10)
     assert sorted(whole) == [0, 1, 2, 4, 8, 16] and sorted(parts) == sorted(whole)
     assert parts[16] == whole[16]  # measured after the resume, warm-started from step 8's vector
     assert parts == whole
     assert last(read_metrics(in_tmp / "whole"), "train/loss") == last(
         read_metrics(in_tmp / "parts"), "train/loss")
+
+
+def test_a_resumed_run_keeps_the_fixed_batch(in_tmp, monkeypatch):
+    """Curvature(fixed_batch=True) on minibatches: the first step's batch travels in the
+    checkpoint, so the measurement after a resume is on that batch and equals the uninterrupted
+    run's to the bit (a resume that took its first batch instead would measure another loss)."""
+    from test_cli import tiny_args
+
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    (in_tmp / "curv.yaml").write_text(
+        "trainer:\n  callbacks:\n    - class_path: bnstudy.instruments.Instruments\n"
+        "      init_args:\n        probes:\n"
+        "          - class_path: bnstudy.instruments.Curvature\n"
+        "            init_args: {fixed_batch: true, every: 3, log_spaced: false}\n")
+    whole, parts = whole_and_resumed([*tiny_args("quickstart.yaml"), "--config=curv.yaml"],
+                                     steps=8, stop=4)
+    assert sorted(whole) == [0, 3, 6] and parts == whole

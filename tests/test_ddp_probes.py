@@ -59,7 +59,8 @@ def dln_data() -> TensorDataset:
     return TensorDataset(x, x @ torch.randn(10, 10, generator=g))
 
 
-def fit(batch_size: int, rank: int = 0, world: int = 1, **trainer_kw):
+def fit(batch_size: int, rank: int = 0, world: int = 1, fixed_batch: bool = False,
+        **trainer_kw):
     """A short DLN fit (no BN, the paper's summed loss: DLNModule scales each rank's partial sum
     so DDP's gradient average is the full-batch sum's) with the instruments at every step."""
     import lightning as L
@@ -73,7 +74,8 @@ def fit(batch_size: int, rank: int = 0, world: int = 1, **trainer_kw):
     module = DLNModule(depth=6, norm="none", reduction="sum", lr=0.0005, momentum=0.9)
     inst = Instruments([ICS(every=1), Landscape(every=1, lr_multiples=[0.5, 2]),
                         RandomLandscape(every=2, lr_multiples=[1]),
-                        ActivationStats(every=2, units=4), Curvature(every=1, tol=1e-6)])
+                        ActivationStats(every=2, units=4),
+                        Curvature(every=1, tol=1e-6, fixed_batch=fixed_batch)])
     trainer = L.Trainer(max_steps=3, accelerator="cpu", callbacks=[inst], logger=False,
                         enable_progress_bar=False, enable_model_summary=False,
                         enable_checkpointing=False, **trainer_kw)
@@ -96,6 +98,9 @@ def worker(rank: int, port: int, out_dir: str) -> None:
     # Lightning joins the process group already there (LOCAL_RANK etc. are set)
     results["fit"] = fit(16, rank, WORLD, strategy="ddp", devices=WORLD,
                          use_distributed_sampler=False)
+    # Curvature on the first global batch: each rank keeps its own part of it
+    results["fit_fixed"] = fit(16, rank, WORLD, fixed_batch=True, strategy="ddp", devices=WORLD,
+                               use_distributed_sampler=False)
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     dist.barrier()
     dist.destroy_process_group()
@@ -143,7 +148,7 @@ def test_probes_agree_across_ranks_and_with_one_process(tmp_path):
     drop_times = lambda h: [(s, {k: v for k, v in m.items() if not k.startswith(skip)})  # noqa
                             for s, m in h]
     for r in ranks:
-        r["fit"] = drop_times(r["fit"])
+        r["fit"], r["fit_fixed"] = drop_times(r["fit"]), drop_times(r["fit_fixed"])
     assert ranks[0] == ranks[1]
     # equal to one process on the global batch
     for name, (model, loss_fn, x, y, after) in problems().items():
@@ -160,3 +165,8 @@ def test_probes_agree_across_ranks_and_with_one_process(tmp_path):
            for s in ("mean", "var", "q05", "q25", "q50", "q75", "q95")})  # no dmean at step 0
     assert history[0][1]["curv/lambda_max"] > 0
     assert_close(history, drop_times(fit(32)), rel=1e-4)
+    fixed = ranks[0]["fit_fixed"]
+    assert_close(fixed, drop_times(fit(32, fixed_batch=True)), rel=1e-4)
+    assert fixed[0][1]["curv/lambda_max"] == history[0][1]["curv/lambda_max"]  # step 0: one batch
+    assert fixed[1][1]["curv/lambda_max"] != pytest.approx(history[1][1]["curv/lambda_max"],
+                                                           rel=1e-3)  # then the step's, not it

@@ -353,3 +353,33 @@ def test_curvature_and_theorem_probes_in_a_fit_equal_the_dense_twin():
     hvps = [m["curv/hvps"] for _, m in inst.history]
     assert max(hvps[1:]) < hvps[0]  # warm start
     assert curv._vectors is None  # dropped at teardown
+
+
+def test_curvature_on_a_fixed_batch_measures_the_first_batch_at_every_step():
+    """fixed_batch=True: lambda_max (and the trace) at W^t on the first measured step's batch,
+    not the step's own batch (the dense float64 twin of each; the two differ at later steps),
+    and the run trains bit for bit as without it."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(96, 3, generator=g)
+    data = DataLoader(TensorDataset(x, x @ torch.randn(3, 3, generator=g)), batch_size=32)
+    inst = Instruments([Curvature(every=1, tol=1e-6, trace_samples=64, fixed_batch=True)])
+    rec = Recorder()
+    runs = []
+    for callbacks in ([rec, inst], []):
+        L.seed_everything(0, verbose=False)
+        module = DLNModule(depth=4, dim=3, norm="batch", lr=1e-3)
+        trainer(4, callbacks).fit(module, data)
+        runs.append(module.state_dict())
+    assert same_state(runs[0], runs[1])
+    assert [s for s, _ in inst.history] == [0, 1, 2, 3]
+    first = rec.steps[0]["batch"]
+    for step, metrics in inst.history:
+        r = rec.steps[step]
+        hess, _ = probes.hessian_dense(r["net"], module.loss_fn, *first)
+        assert metrics["curv/lambda_max"] == pytest.approx(
+            float(torch.linalg.eigvalsh(hess)[-1]), rel=1e-4)
+        assert abs(metrics["curv/trace"] - float(hess.trace())) <= 3 * metrics["curv/trace_se"]
+        if step in (1, 2):  # the epoch's second and third batches: another loss
+            own, _ = probes.hessian_dense(r["net"], module.loss_fn, *r["batch"])
+            assert metrics["curv/lambda_max"] != pytest.approx(
+                float(torch.linalg.eigvalsh(own)[-1]), rel=1e-2)
