@@ -1,7 +1,7 @@
 """Cost of the curvature probe (top Hessian eigenvalue), in training steps, on CPU.
 
     python bench/bench_curvature.py --threads 1    # VGG-16 w0.25 BN, DLN-25 +-BN (~15 min)
-    python bench/bench_curvature.py --quick        # shorter windows, fewer repeats (~4 min)
+    python bench/bench_curvature.py --quick        # shorter windows, fewer repeats (~7 min)
 
 Per model: the median time of one training step (zero_grad, forward, backward, SGD step) and of
 one Hessian-vector product (double backward through a graph built once per measurement; the

@@ -7,7 +7,8 @@ OUT/findings.json and one figure per question to OUT/*.png. docs/FINDINGS.md dis
 Parts (--only picks some):
   eos         edge of stability: lambda_max (curv/lambda_max), beta_eff and 2/lr over training,
               DLN-25 (full batch 1000, the paper's 10,000 steps) at lr 1e-6 and 1e-7 +-BN, and a
-              tiny VGG-11 on 8x8 digits at lr 0.1 and 0.5 +-BN; Theorem 4.1 ratios on the BN runs
+              tiny VGG-11 on 8x8 digits at lr 0.1 and 0.5 +-BN (and at lr 0.1 with lambda_max of
+              one fixed batch's loss); Theorem 4.1 ratios on the BN runs
   optimizer   SGD, SGD+momentum 0.9, Adam x {none, BN} (tiny VGG on digits)
   init        Glorot, Kaiming, orthogonal, torch default x {none, BN} (tiny VGG-16 on digits)
   generalization  train/test accuracy gap, {none, BN} x seeds (tiny VGG on digits)
@@ -78,10 +79,11 @@ class Record(Callback):
 
 def fit(kind: str, steps: int, every: int, seed: int = 0, thm: bool = False,
         log_spaced: bool = False, max_iter: int = 30, image_size: int = VGG_IMAGE_SIZE,
-        **model_kw) -> dict:
+        fixed_batch: bool = False, **model_kw) -> dict:
     """One Lightning fit with Curvature and Landscape (and Theorem 4.1 on BN runs) every `every`
-    steps (every=0: no probes), also at 0, 1, 2, 4, ... if `log_spaced`; returns the logged
-    series and the final train/test accuracy (VGG)."""
+    steps (every=0: no probes), also at 0, 1, 2, 4, ... if `log_spaced`; Curvature on the first
+    batch at every measurement if `fixed_batch`; returns the logged series and the final
+    train/test accuracy (VGG)."""
     L.seed_everything(seed, verbose=False)
     if kind == "dln":
         module = DLNModule(depth=25, dim=10, **model_kw)
@@ -93,7 +95,8 @@ def fit(kind: str, steps: int, every: int, seed: int = 0, thm: bool = False,
         module = VGGModule(**{**VGG_TINY, **model_kw}, num_classes=10, in_channels=channels,
                            image_size=image_size)
         land = Landscape(lr_multiples=[0.5, 1, 2, 4], every=every, log_spaced=log_spaced)
-    probes_ = [Curvature(every=every, log_spaced=log_spaced, tol=1e-3, max_iter=max_iter), land]
+    probes_ = [Curvature(every=every, log_spaced=log_spaced, tol=1e-3, max_iter=max_iter,
+                         fixed_batch=fixed_batch), land]
     if thm and model_kw.get("norm") == "batch":
         probes_.append(BNGradientBound(every=every, log_spaced=log_spaced))
     if not every:
@@ -172,6 +175,12 @@ def part_eos(b: dict) -> dict:
                                                  every=b["vgg_every"], lr=lr, norm=norm, thm=True,
                                                  max_iter=b["max_iter"]))
              for lr in (0.1, 0.5) for norm in ("none", "batch")]
+    # the same VGG at lr 0.1 with lambda_max of one fixed loss (the first batch's): is "above
+    # 2/lr" on the step's minibatch batch-to-batch noise, or the sharpness of the loss?
+    plan += [(f"vgg lr=0.1 norm={norm} fixed", dict(kind="vgg", steps=b["vgg_steps"],
+                                                    every=b["vgg_every"], lr=0.1, norm=norm,
+                                                    fixed_batch=True, max_iter=b["max_iter"]))
+             for norm in ("none", "batch")]
     return _runs(plan, "eos", b)
 
 

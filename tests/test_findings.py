@@ -22,13 +22,14 @@ def test_findings_driver_with_a_tiny_budget(tmp_path):
                            "--only", "eos", "lemma45", "--out", str(out)], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "[8/8] eos: vgg lr=0.5 norm=batch" in proc.stdout  # progress, one line a run
+    assert "[10/10] eos: vgg lr=0.1 norm=batch fixed" in proc.stdout  # progress, one line a run
     found = json.loads((out / "findings.json").read_text())
     assert set(found) == {"budget", "settings", "eos", "lemma45"}
     runs = found["eos"]["series"]
     assert set(runs) == {f"{k} lr={lr} norm={n}" for k, lrs in (("dln", ("1e-06", "1e-07")),
                                                                   ("vgg", ("0.1", "0.5")))
-                         for lr in lrs for n in ("none", "batch")}
+                         for lr in lrs for n in ("none", "batch")} | {
+                             "vgg lr=0.1 norm=none fixed", "vgg lr=0.1 norm=batch fixed"}
     dln = runs["dln lr=1e-06 norm=batch"]
     assert dln["two_over_lr"] == pytest.approx(2e6)
     assert [s for s, _ in dln["lambda_max"]] == [0, 1] and dln["lambda_max"][0][1] > 0
