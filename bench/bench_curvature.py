@@ -29,12 +29,10 @@ import sys
 import time
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from bnstudy import probes  # noqa: E402
 from bnstudy.data import DigitsData  # noqa: E402
-from bnstudy.models import VGG, init_weights  # noqa: E402
 from bench_probes import dln_problem, vgg_problem  # noqa: E402  (the probes' bench models)
 
 print = functools.partial(print, flush=True)  # noqa: A001 (progress as it comes)
@@ -77,14 +75,18 @@ def dln_training(norm: str):
 
 
 def vgg_training():
-    """VGG-16 w0.25 + BN on 32x32x3 digits, batches of 128, reshuffled every epoch."""
-    torch.manual_seed(0)
-    model = VGG(16, 0.25, "batch")
-    init_weights(model)
+    """The VGG-16 w0.25 + BN of bench_probes on 32x32x3 digits, batches of 128, reshuffled every
+    epoch."""
+    model, loss_fn, _, _, lr = vgg_problem()
     data = DigitsData(batch_size=128, image_size=32, channels=3)
     data.setup()
     loader = data.train_dataloader()
-    return model, F.cross_entropy, itertools.chain.from_iterable(itertools.repeat(loader)), 0.1
+    return model, loss_fn, itertools.chain.from_iterable(itertools.repeat(loader)), lr
+
+
+def timed(fn, *args, **kw) -> tuple[dict, float]:
+    started = time.perf_counter()
+    return fn(*args, **kw), time.perf_counter() - started
 
 
 def steady_state(training, burn: int, steps: int, every: int, tol: float, fixed: bool
@@ -95,31 +97,31 @@ def steady_state(training, burn: int, steps: int, every: int, tol: float, fixed:
     model, loss_fn, batches, lr = training
     opt = torch.optim.SGD(model.parameters(), lr=lr)
     vectors, fixed_vectors, first, rows = None, None, None, []
+
+    def reference(x, y, t) -> float:
+        return probes.hessian_eigs(model, loss_fn, x, y, tol=1e-6, max_iter=150,
+                                   seed=t)["eigenvalues"][0]
+
+    def error(result: dict, lam: float) -> float:
+        return abs(result["eigenvalues"][0] - lam) / abs(lam)
+
     for t in range(steps + 1):
         x, y = next(batches)
         if t >= burn and (t - burn) % every == 0:
-            row = {"step": t}
-            started = time.perf_counter()
-            warm = probes.hessian_eigs(model, loss_fn, x, y, tol=tol, init=vectors)
-            row["warm_s"] = time.perf_counter() - started
+            warm, warm_s = timed(probes.hessian_eigs, model, loss_fn, x, y, tol=tol, init=vectors)
             vectors = warm["vectors"]
-            started = time.perf_counter()
-            power = probes.hessian_eigs(model, loss_fn, x, y, tol=tol, method="power", seed=t,
-                                        max_iter=100)
-            row["power_s"] = time.perf_counter() - started
-            lam = probes.hessian_eigs(model, loss_fn, x, y, tol=1e-6, max_iter=150,
-                                      seed=t)["eigenvalues"][0]
-            row.update(lambda_=lam, warm_hvps=warm["hvps"], power_hvps=power["hvps"],
-                       warm_err=abs(warm["eigenvalues"][0] - lam) / abs(lam),
-                       power_err=abs(power["eigenvalues"][0] - lam) / abs(lam))
+            power, power_s = timed(probes.hessian_eigs, model, loss_fn, x, y, tol=tol,
+                                   method="power", seed=t, max_iter=100)
+            lam = reference(x, y, t)
+            row = {"step": t, "lambda_": lam, "warm_hvps": warm["hvps"], "warm_s": warm_s,
+                   "warm_err": error(warm, lam), "power_hvps": power["hvps"],
+                   "power_s": power_s, "power_err": error(power, lam)}
             if fixed:
                 first = first or (x, y)
                 warm = probes.hessian_eigs(model, loss_fn, *first, tol=tol, init=fixed_vectors)
                 fixed_vectors = warm["vectors"]
-                lam = probes.hessian_eigs(model, loss_fn, *first, tol=1e-6, max_iter=150,
-                                          seed=t)["eigenvalues"][0]
-                row.update(fixed_lambda=lam, fixed_hvps=warm["hvps"],
-                           fixed_err=abs(warm["eigenvalues"][0] - lam) / abs(lam))
+                lam = reference(*first, t)
+                row.update(fixed_lambda=lam, fixed_hvps=warm["hvps"], fixed_err=error(warm, lam))
             rows.append(row)
             print(f"  step {t}: lambda_max {row['lambda_']:.5g}, warm {row['warm_hvps']} products"
                   + (f", fixed batch {row['fixed_hvps']}" if fixed else ""))
