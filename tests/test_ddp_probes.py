@@ -60,10 +60,12 @@ def dln_data() -> TensorDataset:
 
 
 def fit(batch_size: int, rank: int = 0, world: int = 1, fixed_batch: bool = False,
-        **trainer_kw):
+        kept: dict | None = None, **trainer_kw):
     """A short DLN fit (no BN, the paper's summed loss: DLNModule scales each rank's partial sum
-    so DDP's gradient average is the full-batch sum's) with the instruments at every step."""
+    so DDP's gradient average is the full-batch sum's) with the instruments at every step; the
+    Instruments state a checkpoint would carry at the end goes into `kept`."""
     import lightning as L
+    from lightning.pytorch.callbacks import Callback
 
     from bnstudy.instruments import (ICS, ActivationStats, Curvature, Instruments, Landscape,
                                      RandomLandscape)
@@ -76,7 +78,12 @@ def fit(batch_size: int, rank: int = 0, world: int = 1, fixed_batch: bool = Fals
                         RandomLandscape(every=2, lr_multiples=[1]),
                         ActivationStats(every=2, units=4),
                         Curvature(every=1, tol=1e-6, fixed_batch=fixed_batch)])
-    trainer = L.Trainer(max_steps=3, accelerator="cpu", callbacks=[inst], logger=False,
+    class Keep(Callback):
+        def on_train_end(self, trainer, pl_module):  # before the probes' teardown
+            if kept is not None:
+                kept.update(inst.state_dict())
+
+    trainer = L.Trainer(max_steps=3, accelerator="cpu", callbacks=[inst, Keep()], logger=False,
                         enable_progress_bar=False, enable_model_summary=False,
                         enable_checkpointing=False, **trainer_kw)
     # rank r takes samples r, r + world, ...: the ranks' batches together are the global batch
@@ -99,8 +106,10 @@ def worker(rank: int, port: int, out_dir: str) -> None:
     results["fit"] = fit(16, rank, WORLD, strategy="ddp", devices=WORLD,
                          use_distributed_sampler=False)
     # Curvature on the first global batch: each rank keeps its own part of it
-    results["fit_fixed"] = fit(16, rank, WORLD, fixed_batch=True, strategy="ddp", devices=WORLD,
-                               use_distributed_sampler=False)
+    kept = {}
+    results["fit_fixed"] = fit(16, rank, WORLD, fixed_batch=True, kept=kept, strategy="ddp",
+                               devices=WORLD, use_distributed_sampler=False)
+    results["fixed_batches"] = kept["curv"]["batches"]
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     dist.barrier()
     dist.destroy_process_group()
@@ -141,6 +150,7 @@ def test_probes_agree_across_ranks_and_with_one_process(tmp_path):
             if p.is_alive():
                 p.kill()
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    fixed_batches = [r.pop("fixed_batches") for r in ranks]  # tensors: compared below
 
     # the same numbers on every rank, bit for bit (but the wall times; and Lanczos' residual and
     # product count, which rounding may move by an iteration between DDP and one process)
@@ -170,3 +180,10 @@ def test_probes_agree_across_ranks_and_with_one_process(tmp_path):
     assert fixed[0][1]["curv/lambda_max"] == history[0][1]["curv/lambda_max"]  # step 0: one batch
     assert fixed[1][1]["curv/lambda_max"] != pytest.approx(history[1][1]["curv/lambda_max"],
                                                            rel=1e-3)  # then the step's, not it
+    # every rank's state (rank 0's goes in the checkpoint) holds every rank's first batch, so a
+    # resume puts each rank back on its own
+    x, y = dln_data().tensors
+    for batches in fixed_batches:
+        assert len(batches) == WORLD
+        for k, (bx, by) in enumerate(batches):
+            assert torch.equal(bx, x[k::WORLD][:16]) and torch.equal(by, y[k::WORLD][:16])
