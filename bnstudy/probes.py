@@ -230,6 +230,41 @@ def select_layers(all_layers: list[str], layers: Sequence[str | int] | None) -> 
     return sorted(set(chosen), key=all_layers.index)
 
 
+Params = Sequence[str | int] | None  # what a block of the Hessian is taken over
+
+
+def parameter_names(model: nn.Module, inputs: Tensor, params: Params = None) -> list[str]:
+    """The trainable parameters a selection names, in named_parameters order: all of them for
+    None; for each entry a 1-based layer number (layer i, as the other probes number layers:
+    that Conv/Linear module's own weight and bias, not the norm after it), a parameter name
+    ("features.0.weight") or a module path ("features.1": every parameter under that module)."""
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    if params is None:
+        return trainable
+    if isinstance(params, (str, int)):
+        params = [params]
+    modules = dict(model.named_modules())
+    layers = layer_names(model, inputs) if any(isinstance(p, int) for p in params) else []
+    chosen: set[str] = set()
+    for item in params:
+        if isinstance(item, int):
+            path = select_layers(layers, [item])[0]
+            found = [f"{path}.{n}" for n, _ in modules[path].named_parameters(recurse=False)]
+        elif item in trainable:
+            found = [item]
+        elif item in modules:
+            prefix = f"{item}." if item else ""
+            found = [n for n in trainable if n.startswith(prefix)]
+        else:
+            raise ValueError(f"params: {item!r} is neither a layer number, a parameter name nor "
+                             f"a module path of the model")
+        found = [n for n in found if n in trainable]
+        if not found:
+            raise ValueError(f"params: {item!r} selects no trainable parameter")
+        chosen.update(found)
+    return [n for n in trainable if n in chosen]
+
+
 # --------------------------------------------------------------------------------------------
 # Distributed: average what each process computed on its shard
 # --------------------------------------------------------------------------------------------
@@ -735,10 +770,13 @@ def hessian_eigs(
     init: Sequence[Mapping[str, Tensor]] | Mapping[str, Tensor] | None = None,
     method: str = "lanczos",
     seed: int = 0,
+    params: Params = None,
     sync: bool | None = None,
 ) -> dict:
     """The k largest (algebraic) eigenvalues of the Hessian of the loss over all trainable
-    parameters, at the model's parameters on this batch (train mode, batch statistics).
+    parameters (or the block of those `params` selects: layer numbers, parameter names or module
+    paths, see `parameter_names`), at the model's parameters on this batch (train mode, batch
+    statistics).
 
     method "lanczos" (default): Lanczos with full reorthogonalization, stopped when every Ritz
     pair has relative residual ||H u - theta u|| / |theta| <= tol (the eigenvalue itself is then
@@ -758,8 +796,8 @@ def hessian_eigs(
         raise ValueError("method 'power' finds one eigenvalue; use k=1")
     sync = _sync_default(sync)
     gen = torch.Generator().manual_seed(seed)
+    names = parameter_names(model, inputs, params)
     with measuring(model) as state:
-        names = [n for n, p in state.params.items() if p.requires_grad]
         params = [state.params[n] for n in names]
         hvp = _HVP(model, loss_fn, inputs, targets, params, sync)
         start = _random_vector(params, gen)
@@ -791,18 +829,21 @@ def hessian_trace(
     samples: int = 32,
     *,
     seed: int = 0,
+    params: Params = None,
     sync: bool | None = None,
 ) -> dict:
-    """Hutchinson's estimate of the Hessian trace: the mean of z^T H z over `samples` Rademacher
-    vectors z (a private generator from `seed`: the global RNG is untouched, every process draws
-    the same z). Returns trace, se (its standard error: the sample std over sqrt(samples); 0 for
-    a diagonal Hessian, where every z^T H z is the trace), samples and hvps."""
+    """Hutchinson's estimate of the Hessian trace (of the block `params` selects, as in
+    hessian_eigs): the mean of z^T H z over `samples` Rademacher vectors z (a private generator
+    from `seed`: the global RNG is untouched, every process draws the same z). Returns trace, se
+    (its standard error: the sample std over sqrt(samples); 0 for a diagonal Hessian, where every
+    z^T H z is the trace), samples and hvps."""
     if samples < 2:
         raise ValueError(f"samples must be >= 2 (for a standard error); got {samples}")
     sync = _sync_default(sync)
     gen = torch.Generator().manual_seed(seed)
+    names = parameter_names(model, inputs, params)
     with measuring(model) as state:
-        params = [p for p in state.params.values() if p.requires_grad]
+        params = [state.params[n] for n in names]
         hvp = _HVP(model, loss_fn, inputs, targets, params, sync)
         values = []
         for _ in range(samples):
@@ -957,3 +998,4 @@ def bn_gradient_bound(
                   "ratio_exact": lhs / re if re != 0 else float("nan"),
                   "holds_printed": hp, "holds_rederived": hm}
     return out
+
