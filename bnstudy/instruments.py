@@ -74,7 +74,8 @@ class Step:
     # the training forward runs through torch.compile (model.compile): it calls no hooks, so
     # probes that record activations make their own eager forward instead
     compiled: bool = False
-    histograms: dict[str, Tensor] = field(default_factory=dict)
+    # W&B histograms: samples, or (values, bin edges) of one already made
+    histograms: dict[str, Tensor | tuple] = field(default_factory=dict)
 
 
 class Probe:
@@ -616,10 +617,14 @@ class Instruments(Callback):
             if wandb_loggers:
                 import wandb
 
-                # a diverging run has inf/nan activations: histogram the finite ones, if any
-                finite = {k: v[torch.isfinite(v)] for k, v in step.histograms.items()}
+                # a diverging run has inf/nan activations: histogram the finite ones, if any;
+                # a (values, bin edges) pair is a histogram already (Spectrum's density)
+                finite = {k: v[torch.isfinite(v)] for k, v in step.histograms.items()
+                          if isinstance(v, Tensor)}
                 hists = {k: wandb.Histogram(v.cpu().numpy(), num_bins=64)
                          for k, v in finite.items() if v.numel()}
+                hists.update({k: wandb.Histogram(np_histogram=v)
+                              for k, v in step.histograms.items() if isinstance(v, tuple)})
                 for logger in wandb_loggers:
                     logger.log_metrics(hists, step=step.index)
 
