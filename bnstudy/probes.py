@@ -999,3 +999,13 @@ def bn_gradient_bound(
                   "holds_printed": hp, "holds_rederived": hm}
     return out
 
+
+def __getattr__(name: str):
+    # the density and the surfaces live in their own modules (spectrum.py imports Lightning for
+    # its instrument): re-exported here, imported on first use
+    where = {"hessian_density": "bnstudy.spectrum"}
+    if name in where:
+        import importlib
+
+        return getattr(importlib.import_module(where[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
