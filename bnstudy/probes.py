@@ -1003,7 +1003,7 @@ def bn_gradient_bound(
 def __getattr__(name: str):
     # the density and the surfaces live in their own modules (spectrum.py imports Lightning for
     # its instrument): re-exported here, imported on first use
-    where = {"hessian_density": "bnstudy.spectrum"}
+    where = {"hessian_density": "bnstudy.spectrum", "loss_surface": "bnstudy.surface"}
     if name in where:
         import importlib
 
