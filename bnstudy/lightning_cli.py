@@ -40,6 +40,7 @@ from bnstudy.callbacks import (
     StepEndSignals,
     StepProgressBar,
     ThroughputAtLogSteps,
+    TrajectoryCheckpoint,
 )
 from bnstudy.threads import ThreadsForFit
 from bnstudy.rundir import (
@@ -158,6 +159,7 @@ class StudyCLI(LightningCLI):
         parser.set_defaults({"checkpoint.save_last": False, "checkpoint.monitor": "val/loss",
                              "checkpoint.filename": "best-{step}"})
         parser.add_lightning_class_args(LastCheckpoint, "last_checkpoint")  # last.ckpt
+        parser.add_lightning_class_args(TrajectoryCheckpoint, "trajectory")  # step-<N>.ckpt
         # The model's input/output shape comes from the data. A link whose target the chosen
         # model lacks is skipped (VGG has no `dim`, the DLN no `num_classes`).
         for key in ("num_classes", "in_channels", "image_size", "dim"):
@@ -196,7 +198,7 @@ class StudyCLI(LightningCLI):
         os.environ[RUN_DIR_ENV] = str(run_dir)
         cfg.run_dir = str(run_dir)
         cfg.trainer.default_root_dir = str(run_dir)
-        for group in (cfg.checkpoint, cfg.last_checkpoint):
+        for group in (cfg.checkpoint, cfg.last_checkpoint, cfg.trajectory):
             if group.dirpath is None:
                 group.dirpath = str(run_dir / "checkpoints")
         if self.subcommand == "fit" and cfg.get("ckpt_path") is None:

@@ -16,12 +16,14 @@ LOCK_NAME = ".lock"
 SAFE_RESUME_CHANGES = ("trainer.max_steps", "trainer.max_epochs", "trainer.max_time",
                        "trainer.enable_progress_bar", "trainer.enable_model_summary",
                        "last_checkpoint.every_n_train_steps", "last_checkpoint.every_minutes",
-                       "last_checkpoint.check_every", "resume_allow")
+                       "last_checkpoint.check_every", "trajectory.every_n_train_steps",
+                       "trajectory.log_spaced", "resume_allow")
 # set by the CLI from the run directory itself, or naming the files of the config (not settings)
 _NOT_SETTINGS = ("config", "ckpt_path", "__path__")
 # where the run directory is (absolute or relative, moved, another cwd) is not a setting either
 _RUN_DIR_PATHS = ("run_dir", "trainer.default_root_dir", "checkpoint.dirpath",
-                  "last_checkpoint.dirpath", "trainer.logger.*.init_args.save_dir",
+                  "last_checkpoint.dirpath", "trajectory.dirpath",
+                  "trainer.logger.*.init_args.save_dir",
                   "trainer.logger.init_args.save_dir", "trainer.logger.*.init_args.dir",
                   "trainer.logger.init_args.dir", "trainer.logger.*.init_args.name",
                   "trainer.logger.init_args.name")
