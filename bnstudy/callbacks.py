@@ -485,7 +485,7 @@ class TrajectoryCheckpoint(L.Callback):
         step = trainer.global_step
         if self.due(step):
             dirpath = self.dirpath or os.path.join(trainer.default_root_dir, "checkpoints")
-            trainer.save_checkpoint(os.path.join(dirpath, f"step-{step}.ckpt"))
+            trainer.save_checkpoint(os.path.join(dirpath, f"step-{step}.ckpt"), weights_only=False)
 
     def on_train_start(self, trainer, pl_module) -> None:
         if trainer.global_step == 0:
