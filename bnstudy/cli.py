@@ -23,6 +23,10 @@ SUBCOMMANDS = {
     "report": ("bnstudy.report", "rebuild the paper's figures and claims from runs"),
     "reproduce": ("bnstudy.reproduce", "run the mini reproduction"),
     "findings": ("bnstudy.findings", "answer the open questions at mini scale"),
+    "spectrum": ("bnstudy.spectrum_command", "the Hessian's eigenvalue density over a run's "
+                 "checkpoints"),
+    "surface": ("bnstudy.surface_command", "the loss surface around a run's checkpoints, with "
+                "its trajectory"),
 }
 LIGHTNING = ("fit", "validate", "test")
 PROG = "bnstudy"

@@ -4,6 +4,7 @@ block; the Spectrum instrument in real fits (training unchanged bit for bit, W&B
 from __future__ import annotations
 
 import math
+import os
 
 import numpy as np
 import pytest
@@ -220,3 +221,102 @@ def test_the_density_goes_to_wandb_as_a_histogram(tmp_path, monkeypatch):
     assert sum(hist["values"]) == pytest.approx(1, abs=1e-6)  # the quadrature's mass
     csv_rows = [r for r in wandb_records.history(tmp_path) if "spec/neg_mass" in r]
     assert len(csv_rows) == 2 and all(0 <= r["spec/neg_mass"] <= 1 for r in csv_rows)
+
+
+# ---- python -m bnstudy spectrum on real run directories ------------------------------------------
+TRAJECTORY_ARGS = ["--trainer.max_steps=6", "--data.num_samples=64", "--data.steps_per_epoch=3",
+                   "--trainer.callbacks=[]", "--model.depth=6", "--trainer.log_every_n_steps=1",
+                   "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
+                   "--trajectory.every_n_train_steps=3", "--trajectory.log_spaced=true"]
+
+
+@pytest.fixture(scope="session")
+def trajectory_runs(tmp_path_factory):
+    """Two short DLN fits (no norm, BN) that keep their trajectory as checkpoints."""
+    from bnstudy.cli import cli_main
+    from conftest import REPO
+
+    root = tmp_path_factory.mktemp("trajectory_runs")
+    previous = os.environ.get("WANDB_MODE")
+    os.environ["WANDB_MODE"] = "disabled"
+    try:
+        for norm in ("none", "batch"):
+            cli_main(["fit", "--config", str(REPO / "configs" / "dln.yaml"), *TRAJECTORY_ARGS,
+                      f"--model.norm={norm}", f"--run_dir={root / norm}"])
+    finally:
+        os.environ["WANDB_MODE"] = previous if previous is not None else "offline"
+    return root
+
+
+def checkpoint_twin(run_dir, step: int):
+    """The run's DLN and full batch built by hand (not through the CLI), at the checkpoint of
+    `step`: what the command must have measured."""
+    import yaml
+
+    from bnstudy.data import GaussianRegressionData
+    from bnstudy.modules import DLNModule
+
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    args = config["model"]["init_args"]
+    module = DLNModule(depth=args["depth"], norm=args["norm"], reduction=args["reduction"])
+    path = next(p for p in (run_dir / "checkpoints").glob("*.ckpt")
+                if torch.load(p, weights_only=True)["global_step"] == step)
+    module.load_state_dict(torch.load(path, weights_only=True)["state_dict"])
+    data = GaussianRegressionData(dim=10, num_samples=64, seed=0, steps_per_epoch=3)
+    data.setup("fit")
+    x, y = next(iter(data.train_dataloader()))
+    return module.net, module.loss_fn, x, y
+
+
+def test_spectrum_command_measures_every_checkpoint_draws_and_logs(trajectory_runs, tmp_path,
+                                                                   monkeypatch):
+    import wandb
+    import wandb_records
+
+    from bnstudy.cli import main
+    from bnstudy.landscape_figures import load
+    from bnstudy.report import FIGURES, build_report
+    from bnstudy.runs import load_runs
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    wandb.teardown()
+    out = tmp_path / "out"
+    rc = main(["spectrum", str(trajectory_runs / "none"), str(trajectory_runs / "batch"),
+               "--n-v", "2", "--m", "6", "--per-layer", "--out", str(out)])
+    assert rc == 0
+    for norm in ("none", "batch"):
+        folder = trajectory_runs / norm / "landscape"
+        data = load(folder / "spectrum.npz")
+        # step 0 (the init), the log-spaced 1, 2, 4, every 3 (3, 6), last.ckpt (6): one each
+        assert data["steps"].tolist() == [0, 1, 2, 3, 4, 6]
+        assert data["density"].shape == (6, 512) and data["nodes"].shape[:2] == (6, 2)
+        assert data["layer_lambda_max"].shape == (6, 6)
+        twin = hessian_density(*checkpoint_twin(trajectory_runs / norm, 4), n_v=2, m=6)
+        k = data["steps"].tolist().index(4)
+        for key in ("lambda_max", "trace", "neg_mass"):
+            assert data[key][k] == pytest.approx(twin[key], rel=1e-6, abs=1e-12)
+        np.testing.assert_allclose(data["density"][k], twin["density"], rtol=1e-6, atol=1e-15)
+        layer = probes.hessian_eigs(*checkpoint_twin(trajectory_runs / norm, 6), params=[3])
+        assert data["layer_lambda_max"][-1][2] == pytest.approx(layer["eigenvalues"][0],
+                                                                rel=1e-6)
+        assert (folder / "spectrum.png").read_bytes()[:4] == b"\x89PNG"
+    assert (out / "spectrum.png").stat().st_size > 10_000
+    # the same figures in W&B (offline files), and the report draws the side-by-side figure
+    logged = {k for row in wandb_records.history(out) for k in row}
+    assert {"spectrum/spectrum", "spectrum/none/spectrum", "spectrum/summary"} <= logged
+    spec = next(s for s in FIGURES if s.name == "q_spectrum")
+    runs = load_runs([trajectory_runs])
+    assert sorted(r.id for r in spec.runs(runs)) == ["batch", "none"]
+    report = build_report([], tmp_path / "report", runs=runs, wandb=False, figures=[spec],
+                          echo=lambda line: None)
+    assert report.figures["q_spectrum"].stat().st_size > 10_000
+
+
+def test_spectrum_command_says_what_is_wrong_in_one_line(trajectory_runs, tmp_path, capsys):
+    from bnstudy.cli import main
+
+    assert main(["spectrum", str(trajectory_runs / "none"), "--steps", "5", "--out",
+                 str(tmp_path)]) == 2
+    assert "no checkpoint at step(s) [5]" in capsys.readouterr().err
+    assert main(["spectrum", str(tmp_path / "nothing")]) == 2
+    assert "no run directories" in capsys.readouterr().err

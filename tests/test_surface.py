@@ -233,3 +233,80 @@ def test_ddp_ranks_split_the_grid_and_average_the_products(tmp_path):
         np.testing.assert_array_equal(ranks[0]["density"][key], ranks[1]["density"][key])
         np.testing.assert_allclose(ranks[0]["density"][key], single[key], rtol=1e-3)
     assert ranks[0]["density"]["lambda_max"] == pytest.approx(single["lambda_max"], rel=1e-4)
+
+
+# ---- python -m bnstudy surface on real run directories -------------------------------------------
+from test_spectrum import checkpoint_twin, trajectory_runs  # noqa: E402,F401  (the shared runs)
+
+
+def test_surface_command_draws_the_trajectory_and_splits_into_parts(trajectory_runs, tmp_path,
+                                                                    monkeypatch):
+    from bnstudy.cli import main
+    from bnstudy.landscape_figures import load
+    from bnstudy.report import FIGURES, build_report
+    from bnstudy.runs import load_runs
+
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    runs = [str(trajectory_runs / n) for n in ("none", "batch")]
+    out = tmp_path / "out"
+    assert main(["surface", *runs, "--grid", "5", "--out", str(out)]) == 0
+    folder = trajectory_runs / "batch" / "landscape"
+    whole = load(folder / "surface-step6.npz")
+    assert str(whole["directions"]) == "pca"  # auto: 6 checkpoints
+    assert whole["loss"].shape == (5, 5) and np.isfinite(whole["loss"]).all()
+    # the trajectory: one point per checkpoint, the last (the center) at the origin
+    assert whole["trajectory_steps"].tolist() == [0, 1, 2, 3, 4, 6]
+    np.testing.assert_allclose(whole["trajectory"][-1], [0, 0], atol=1e-9)
+    # the grid covers the trajectory
+    for axis in range(2):
+        coords, path = whole[f"coords{axis}"], whole["trajectory"][:, axis]
+        assert coords.min() < path.min() <= path.max() < coords.max()
+    assert (folder / "surface-step6.png").stat().st_size > 10_000
+    assert (out / "surface.png").stat().st_size > 10_000
+    # two Slurm array tasks and a merge give the same grid, bit for bit
+    for i in range(2):
+        assert main(["surface", runs[1], "--grid", "5", "--part", f"{i}/2", "--out",
+                     str(out)]) == 0
+    assert sorted(p.name for p in folder.glob("*.part*")) == [
+        "surface-step6.part0of2.npz", "surface-step6.part1of2.npz"]
+    (folder / "surface-step6.npz").unlink()
+    assert main(["surface", runs[1], "--merge", "--out", str(out)]) == 0
+    merged = load(folder / "surface-step6.npz")
+    assert np.array_equal(merged["loss"], whole["loss"])
+    # the report draws the side-by-side figure from the saved data
+    spec = next(s for s in FIGURES if s.name == "q_surface")
+    report = build_report([], tmp_path / "report", runs=load_runs([trajectory_runs]),
+                          wandb=False, figures=[spec], echo=lambda line: None)
+    assert report.figures["q_surface"].stat().st_size > 10_000
+
+
+def test_surface_command_random_directions_and_a_line(trajectory_runs, tmp_path, monkeypatch):
+    from bnstudy.cli import main
+    from bnstudy.landscape_figures import load
+
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    run = trajectory_runs / "none"
+    assert main(["surface", str(run), "--grid", "3", "--directions", "random", "--at", "3",
+                 "--out", str(tmp_path)]) == 0
+    data = load(run / "landscape" / "surface-step3.npz")
+    assert data["coords0"].tolist() == [-1, 0, 1]
+    net, loss_fn, x, y = checkpoint_twin(run, 3)
+    assert data["loss"][1, 1] == pytest.approx(float(loss_fn(net.train()(x), y)), rel=1e-6)
+    assert main(["surface", str(run), "--line", "0", "6", "--grid", "5", "--out",
+                 str(tmp_path)]) == 0
+    line = load(run / "landscape" / "line-0-6.npz")
+    assert line["coords0"].tolist() == [-0.5, 0, 0.5, 1, 1.5]
+    for alpha, step in ((1, 0), (3, 6)):
+        net, loss_fn, x, y = checkpoint_twin(run, step)
+        assert line["loss"][alpha] == pytest.approx(float(loss_fn(net.train()(x), y)), rel=1e-5)
+    assert (tmp_path / "line-0-6.png").stat().st_size > 10_000
+
+
+def test_surface_command_says_what_is_wrong_in_one_line(trajectory_runs, tmp_path, capsys):
+    from bnstudy.cli import main
+
+    run = str(trajectory_runs / "none")
+    assert main(["surface", run, "--part", "2/2", "--out", str(tmp_path)]) == 2
+    assert "--part I/N needs 0 <= I < N; got 2/2" in capsys.readouterr().err
+    assert main(["surface", run, "--at", "7", "--out", str(tmp_path)]) == 2
+    assert "no checkpoint at step(s) [7]" in capsys.readouterr().err
