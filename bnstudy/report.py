@@ -532,6 +532,46 @@ FIGURES += [
 ]
 
 
+# ---------------------------------------------------------------- spectrum and surfaces (python -m bnstudy spectrum / surface)
+
+def landscape_file(run: Run, kind: str) -> Path | None:
+    """RUN_DIR/landscape/spectrum.npz, or the surface around the latest checkpoint measured."""
+    folder = run.path / "landscape" if run.path is not None else None
+    if folder is None or not folder.is_dir():
+        return None
+    if kind == "spectrum":
+        path = folder / "spectrum.npz"
+        return path if path.is_file() else None
+    surfaces = [p for p in folder.glob("surface-step*.npz") if ".part" not in p.name]
+    step = lambda p: int(p.stem.removeprefix("surface-step"))  # noqa: E731
+    return max(surfaces, key=step) if surfaces else None
+
+
+def draw_landscape(kind: str) -> Callable[[list[Run]], object]:
+    """The spectrum or surface figure of the landscape commands, from the runs' saved data."""
+    def draw(runs: list[Run]) -> object:
+        from bnstudy import landscape_figures
+
+        entries = [(label + (f" [{r.id}]" if len(rs) > 1 else ""), r.norm,
+                    landscape_figures.load(landscape_file(r, kind)))
+                   for label, rs in groups(runs) for r in rs]
+        return (landscape_figures.spectrum_figure if kind == "spectrum"
+                else landscape_figures.surface_figure)(entries)
+    return draw
+
+
+LANDSCAPE_FEED = ("on runs with checkpoints (fit --trajectory.every_n_train_steps=N or "
+                  "--trajectory.log_spaced=true for a trajectory)")
+FIGURES += [
+    FigureSpec("q_spectrum", "Hessian spectrum over training (SLQ, train mode)",
+               lambda r: landscape_file(r, "spectrum") is not None, draw_landscape("spectrum"),
+               "python -m bnstudy spectrum RUN_DIR... " + LANDSCAPE_FEED),
+    FigureSpec("q_surface", "Loss surface around the last checkpoint, with the trajectory",
+               lambda r: landscape_file(r, "surface") is not None, draw_landscape("surface"),
+               "python -m bnstudy surface RUN_DIR... " + LANDSCAPE_FEED),
+]
+
+
 # ---------------------------------------------------------------- the report
 
 @dataclass

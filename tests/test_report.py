@@ -58,7 +58,8 @@ WANDB_RUN = "dln/none"  # also logged to W&B (offline files), to read it back as
 SKIPPED = {"fig5_lp_dln": "sweeps/fig5_lp_dln.yaml", "fig13_landscape_lp_dln": "dln_l1.yaml",
            "q_optimizer": "sweeps/q_optimizer.yaml", "q_init": "sweeps/q_init_vgg.yaml",
            "q_eos_vgg": "bnstudy.instruments.Curvature",
-           "q_theorem41": "bnstudy.instruments.BNGradientBound"}
+           "q_theorem41": "bnstudy.instruments.BNGradientBound",
+           "q_spectrum": "python -m bnstudy spectrum", "q_surface": "python -m bnstudy surface"}
 
 
 @pytest.fixture(scope="session")
