@@ -129,7 +129,11 @@ def run_label(runs: list[LoadedRun], r: LoadedRun) -> str:
     return r.label if len(same) == 1 else f"{r.label} ({r.run.path.name})"
 
 
-def common_args(parser: argparse.ArgumentParser) -> None:
+def command_parser(name: str, what: str) -> argparse.ArgumentParser:
+    """The options both commands take; `what` says what this one measures."""
+    parser = argparse.ArgumentParser(
+        prog=f"python -m bnstudy {name}", description=__doc__.split("\n\n")[0] + "\n\n"
+        + f"{name}: {what}", formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("paths", nargs="+", help="run directories, globs, or folders of runs")
     parser.add_argument("--out", type=Path, default=Path(OUT_DIR),
                         help=f"folder for the figures across the runs (default: {OUT_DIR})")
@@ -138,6 +142,7 @@ def common_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the random vectors")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default: torch's)")
+    return parser
 
 
 def start(args) -> tuple[list[LoadedRun], str]:
@@ -249,12 +254,9 @@ SUMMARY = ("lambda_max", "lambda_min", "trace", "trace_se", "neg_mass", "neg_mas
 
 
 def spectrum_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m bnstudy spectrum", description=__doc__.split("\n\n")[0] + "\n\n" +
-        "spectrum: the Hessian's eigenvalue density (stochastic Lanczos quadrature, "
-        "bnstudy.spectrum.hessian_density) at every checkpoint of each run.",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
-    common_args(parser)
+    parser = command_parser("spectrum", "the Hessian's eigenvalue density (stochastic Lanczos "
+                            "quadrature, bnstudy.spectrum.hessian_density) at every checkpoint "
+                            "of each run.")
     parser.add_argument("--steps", type=int, nargs="+", default=None,
                         help="checkpoints to measure, by step (default: all)")
     parser.add_argument("--n-v", type=int, default=10, help="random vectors (default 10)")
@@ -345,12 +347,9 @@ DIRECTIONS = ("auto", "random", "pca", "hessian")
 
 
 def surface_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m bnstudy surface", description=__doc__.split("\n\n")[0] + "\n\n" +
-        "surface: the loss on a grid around a checkpoint of each run (bnstudy.surface."
-        "loss_surface), with the run's trajectory (its checkpoints) projected onto the plane.",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
-    common_args(parser)
+    parser = command_parser("surface", "the loss on a grid around a checkpoint of each run "
+                            "(bnstudy.surface.loss_surface), with the run's trajectory (its "
+                            "checkpoints) projected onto the plane.")
     parser.add_argument("--grid", type=int, default=41, help="points per axis (default 41)")
     parser.add_argument("--span", type=float, default=None,
                         help="the grid covers [-span, span] (default 1: a step as long as the "

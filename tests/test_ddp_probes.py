@@ -136,20 +136,26 @@ def assert_close(a, b, rel):
         assert a == b
 
 
-@pytest.mark.timeout(DEADLINE_S + 30)
-def test_probes_agree_across_ranks_and_with_one_process(tmp_path):
-    ctx = mp.start_processes(worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=False,
+def spawned(worker, out_dir, deadline_s: float = DEADLINE_S) -> list[dict]:
+    """worker(rank, port, out_dir) in WORLD spawned processes, each saving out_dir/rank<r>.pt;
+    waits at most deadline_s, then returns what every rank saved."""
+    ctx = mp.start_processes(worker, args=(free_port(), str(out_dir)), nprocs=WORLD, join=False,
                              start_method="spawn")
-    deadline = time.monotonic() + DEADLINE_S
+    deadline = time.monotonic() + deadline_s
     try:
         while not ctx.join(timeout=1):
             if time.monotonic() > deadline:
-                raise TimeoutError("DDP probe processes did not finish in time")
+                raise TimeoutError("DDP processes did not finish in time")
     finally:
         for p in ctx.processes:
             if p.is_alive():
                 p.kill()
-    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    return [torch.load(out_dir / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+
+
+@pytest.mark.timeout(DEADLINE_S + 30)
+def test_probes_agree_across_ranks_and_with_one_process(tmp_path):
+    ranks = spawned(worker, tmp_path)
     fixed_batches = [r.pop("fixed_batches") for r in ranks]  # tensors: compared below
 
     # the same numbers on every rank, bit for bit (but the wall times; and Lanczos' residual and

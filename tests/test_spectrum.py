@@ -13,7 +13,6 @@ import torch
 from bnstudy import probes
 from bnstudy.spectrum import Spectrum, hessian_density, smoothed_density
 from test_curvature import TWINS, conv_bn, quadratic, SPECTRUM
-from test_probes import assert_same, snapshot, trained_step
 
 
 def dense_density(eigenvalues: np.ndarray, result: dict) -> np.ndarray:
@@ -141,18 +140,6 @@ def test_blocks_equal_the_dense_submatrix(params):
     assert eigs["eigenvalues"][0] < whole * (1 - 1e-3)
 
 
-def test_density_leaves_all_state_bit_for_bit():
-    model, loss_fn, x, y, _, _ = trained_step("vgg_noisy_bn")
-    model.train()
-    loss_fn(model(x), y).backward()  # .grad populated, noise drawn and held
-    before = snapshot(model)
-    calls = []
-    result = hessian_density(model, loss_fn, x, y, n_v=2, m=3, params=[1, 2],
-                             progress=calls.append)
-    assert_same(before, snapshot(model))
-    assert calls == [1] * result["hvps"] and result["hvps"] == 6
-
-
 def test_a_diverged_model_gives_nan_not_an_error():
     model, loss_fn, x, y = TWINS["mlp_bn"]()
     with torch.no_grad():
@@ -225,24 +212,31 @@ def test_the_density_goes_to_wandb_as_a_histogram(tmp_path, monkeypatch):
 
 # ---- python -m bnstudy spectrum on real run directories ------------------------------------------
 TRAJECTORY_ARGS = ["--trainer.max_steps=6", "--data.num_samples=64", "--data.steps_per_epoch=3",
-                   "--trainer.callbacks=[]", "--model.depth=6", "--trainer.log_every_n_steps=1",
+                   "--model.depth=6", "--trainer.log_every_n_steps=1",
                    "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
                    "--trajectory.every_n_train_steps=3", "--trajectory.log_spaced=true"]
 
 
 @pytest.fixture(scope="session")
 def trajectory_runs(tmp_path_factory):
-    """Two short DLN fits (no norm, BN) that keep their trajectory as checkpoints."""
+    """Two short DLN fits (no norm, BN) that keep their trajectory as checkpoints, with the
+    Spectrum instrument (from a YAML config, in place of the paper's instruments) every 3 steps."""
     from bnstudy.cli import cli_main
     from conftest import REPO
 
     root = tmp_path_factory.mktemp("trajectory_runs")
+    spectrum = root / "spectrum.yaml"
+    spectrum.write_text(
+        "trainer:\n  callbacks:\n    - class_path: bnstudy.instruments.Instruments\n"
+        "      init_args:\n        probes:\n          - class_path: bnstudy.spectrum.Spectrum\n"
+        "            init_args: {n_v: 2, m: 6, every: 3, log_spaced: false}\n")
     previous = os.environ.get("WANDB_MODE")
     os.environ["WANDB_MODE"] = "disabled"
     try:
         for norm in ("none", "batch"):
-            cli_main(["fit", "--config", str(REPO / "configs" / "dln.yaml"), *TRAJECTORY_ARGS,
-                      f"--model.norm={norm}", f"--run_dir={root / norm}"])
+            cli_main(["fit", "--config", str(REPO / "configs" / "dln.yaml"), "--config",
+                      str(spectrum), *TRAJECTORY_ARGS, f"--model.norm={norm}",
+                      f"--run_dir={root / norm}"])
     finally:
         os.environ["WANDB_MODE"] = previous if previous is not None else "offline"
     return root
@@ -277,6 +271,7 @@ def test_spectrum_command_measures_every_checkpoint_draws_and_logs(trajectory_ru
     from bnstudy.landscape_figures import load
     from bnstudy.report import FIGURES, build_report
     from bnstudy.runs import load_runs
+    from test_cli import read_metrics
 
     monkeypatch.setenv("WANDB_MODE", "offline")
     wandb.teardown()
@@ -296,6 +291,12 @@ def test_spectrum_command_measures_every_checkpoint_draws_and_logs(trajectory_ru
         for key in ("lambda_max", "trace", "neg_mass"):
             assert data[key][k] == pytest.approx(twin[key], rel=1e-6, abs=1e-12)
         np.testing.assert_allclose(data["density"][k], twin["density"], rtol=1e-6, atol=1e-15)
+        # the instrument in the fit measured W^3 (checkpoint step-3) on the same full batch
+        logged = {int(r["step"]): float(r["spec/lambda_max"]) for r in
+                  read_metrics(trajectory_runs / norm) if r.get("spec/lambda_max")}
+        assert sorted(logged) == [0, 3]
+        at3 = hessian_density(*checkpoint_twin(trajectory_runs / norm, 3), n_v=2, m=6, seed=3)
+        assert logged[3] == pytest.approx(at3["lambda_max"], rel=1e-6)
         layer = probes.hessian_eigs(*checkpoint_twin(trajectory_runs / norm, 6), params=[3])
         assert data["layer_lambda_max"][-1][2] == pytest.approx(layer["eigenvalues"][0],
                                                                 rel=1e-6)

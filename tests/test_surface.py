@@ -5,23 +5,20 @@ from __future__ import annotations
 
 import copy
 import os
-import socket
-import time
 from datetime import timedelta
 
 import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from bnstudy import probes
 from bnstudy.models import VGG, init_weights
 from bnstudy.surface import (filter_normalized_direction, interpolate, loss_surface,
                              merge_surfaces, pca_directions, project)
 from test_curvature import conv_bn, quadratic
 from test_probes import assert_same, snapshot, trained_step
+from test_spectrum import checkpoint_twin, trajectory_runs  # noqa: F401  (shared runs)
 
 
 def test_filter_normalization_scales_each_filter_to_the_weights_filter():
@@ -118,17 +115,22 @@ def test_split_grids_merge_into_the_unsplit_one_exactly():
         loss_surface(model, loss_fn, x, y, part=(3, 3))
 
 
-def test_surfaces_leave_all_state_bit_for_bit():
+def test_surfaces_and_the_density_leave_all_state_bit_for_bit():
+    from bnstudy.spectrum import hessian_density
+
     model, loss_fn, x, y, after, _ = trained_step("vgg_noisy_bn")
     model.train()
     loss_fn(model(x), y).backward()  # .grad populated, noise drawn and held
     before = snapshot(model)
-    calls = []
-    loss_surface(model, loss_fn, x, y, grid=2, progress=calls.append)
+    points, products = [], []
+    loss_surface(model, loss_fn, x, y, grid=2, progress=points.append)
     loss_surface(model, loss_fn, x, y, grid=2, mode="eval", params=[1, 3])
     interpolate(model, loss_fn, x, y, after, alphas=[0.0, 1.0])
+    result = hessian_density(model, loss_fn, x, y, n_v=2, m=3, params=[1, 2],
+                             progress=products.append)
     assert_same(before, snapshot(model))
-    assert calls == [1] * 4
+    assert points == [1] * 4
+    assert products == [1] * result["hvps"] and result["hvps"] == 6
 
 
 def test_interpolation_ends_at_both_checkpoints():
@@ -197,27 +199,12 @@ def ddp_worker(rank: int, port: int, out_dir: str) -> None:
     dist.destroy_process_group()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow  # two spawned processes importing torch and Lightning: 10-50 s here
 @pytest.mark.timeout(150)
 def test_ddp_ranks_split_the_grid_and_average_the_products(tmp_path):
-    ctx = mp.start_processes(ddp_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD,
-                             join=False, start_method="spawn")
-    deadline = time.monotonic() + 120
-    try:
-        while not ctx.join(timeout=1):
-            if time.monotonic() > deadline:
-                raise TimeoutError("DDP processes did not finish in time")
-    finally:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.kill()
-    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    from test_ddp_probes import spawned
+
+    ranks = spawned(ddp_worker, tmp_path, deadline_s=120)
     model, loss_fn, x, y = ddp_problem()
     whole = loss_surface(model, loss_fn, x, y, grid=5)
     for r in ranks:  # every rank has the whole grid, equal to one process's bit for bit
@@ -236,7 +223,6 @@ def test_ddp_ranks_split_the_grid_and_average_the_products(tmp_path):
 
 
 # ---- python -m bnstudy surface on real run directories -------------------------------------------
-from test_spectrum import checkpoint_twin, trajectory_runs  # noqa: E402,F401  (the shared runs)
 
 
 def test_surface_command_draws_the_trajectory_and_splits_into_parts(trajectory_runs, tmp_path,
