@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import html
+import json
 import math
 import os
 import sys
@@ -570,6 +571,7 @@ def write_index(report: Report, specs: list[FigureSpec]) -> Path:
              "table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #ccc;"
              "padding:3px 6px;text-align:left;vertical-align:top}img{max-width:100%}"
              ".shown{background:#d8f5d8}.not-shown{background:#f8d8d8}.no-runs{color:#888}"
+             ".baseline-did-not-train{background:#f5ecd0}"
              "</style></head><body><h1>bnstudy report</h1>",
              "<h2>Claims</h2><table><tr><th>#</th><th>claim</th><th>rule</th><th>numbers</th>"
              "<th>verdict</th></tr>"]
@@ -649,7 +651,7 @@ def build_report(paths: list[str | Path], out_dir: str | Path, runs: list[Run] |
                  echo: Callable[[str], None] = print) -> Report:
     """Figures, index.html and claims for the runs under `paths` (or the given `runs`), written
     to `out_dir`; logged to W&B when `wandb` (default: when a W&B mode is active)."""
-    from bnstudy.claims import evaluate
+    from bnstudy.claims import as_json, evaluate
 
     runs = load_runs(paths) if runs is None else runs
     report = Report(out=Path(out_dir))
@@ -673,6 +675,8 @@ def build_report(paths: list[str | Path], out_dir: str | Path, runs: list[Run] |
         report.figures[spec.name] = path
         echo(f"wrote {path} ({len(chosen)} runs)")
     report.claims = evaluate(runs)
+    # the claims table for scripts and notebooks
+    (report.out / "claims.json").write_text(json.dumps(as_json(report.claims), indent=1) + "\n")
     report.table = runs_table(runs)
     report.index = write_index(report, FIGURES if figures is None else figures)
     echo(f"wrote {report.index}")
