@@ -18,11 +18,11 @@ SUBCOMMANDS = {
     "fit": ("bnstudy.lightning_cli", "train a model; rerunning in its --run_dir resumes it"),
     "validate": ("bnstudy.lightning_cli", "evaluate a model or checkpoint on the validation split"),
     "test": ("bnstudy.lightning_cli", "evaluate a model or checkpoint on the test split"),
-    "plot": ("bnstudy.plot", "plot metrics of runs side by side"),
-    "grid": ("bnstudy.grid", "expand a W&B grid sweep into one checked command per run"),
-    "report": ("bnstudy.report", "rebuild the paper's figures and claims from runs"),
-    "reproduce": ("bnstudy.reproduce", "run the mini reproduction"),
-    "findings": ("bnstudy.findings", "answer the open questions at mini scale"),
+    "plot": ("bnstudy.analysis.plot", "plot metrics of runs side by side"),
+    "grid": ("bnstudy.study.grid", "expand a W&B grid sweep into one checked command per run"),
+    "report": ("bnstudy.analysis.report", "rebuild the paper's figures and claims from runs"),
+    "reproduce": ("bnstudy.study.reproduce", "run the mini reproduction"),
+    "findings": ("bnstudy.study.findings", "answer the open questions at mini scale"),
 }
 LIGHTNING = ("fit", "validate", "test")
 PROG = "bnstudy"

@@ -35,7 +35,7 @@ import math
 import statistics
 from dataclasses import dataclass, field
 
-from bnstudy.runs import Run
+from bnstudy.analysis.runs import Run
 
 CHANCE_ACC_MAX = 0.2      # 10 classes: chance is 0.1; at most this counts as "did not train"
 HIGH_LR = 0.5             # claim 1: the lr at which the standard net fails in the paper
@@ -147,7 +147,7 @@ def contexts(runs: list[Run], norms: tuple[str, ...]) -> list[tuple[str, dict[st
         first = next(iter(by_norm.values()))[0]
         # name what tells this context from the others of the same model
         same_model = [k for k in groups if k[0] == key[0]]
-        label = f"{first.kind} lr {first.lr:g}" + "".join(
+        label = f"{first.model} lr {first.lr:g}" + "".join(
             f", {name}={first.get(name)}" for i, name in enumerate(CONTEXT_KEYS)
             if name not in ("model", "lr") and len({k[i] for k in same_model}) > 1)
         out.append((label, by_norm))
@@ -155,7 +155,7 @@ def contexts(runs: list[Run], norms: tuple[str, ...]) -> list[tuple[str, dict[st
 
 
 def _paper_vgg(runs: list[Run]) -> list[Run]:
-    return [r for r in runs if r.kind == "vgg" and r.paper_optimizer]
+    return [r for r in runs if r.model == "vgg" and r.paper_optimizer]
 
 
 # ---- the claims ----
@@ -300,7 +300,7 @@ def claim5(runs: list[Run]) -> Claim:
         if not lps or "batch" not in by:
             continue
         core = True
-        vgg = by["batch"][0].kind == "vgg"
+        vgg = by["batch"][0].model == "vgg"
         fn = final_acc if vgg else final_loss
         bn = mean_over(by["batch"], fn)
         beta = {n: mean_over(rs, lambda r: median_of(r, "landscape/beta_eff"))

@@ -9,40 +9,21 @@ prefix, e.g. `--metrics landscape/loss landscape/grad_diff landscape/beta_eff`.
 from __future__ import annotations
 
 import argparse
-import csv
 import math
 from pathlib import Path
 
-import yaml
+from bnstudy.analysis.runs import LABEL_KEYS, Run, differing_keys, read_config, read_metrics
 
 DEFAULT_METRICS = ["train/loss", "train/acc", "val/acc"]
-LABEL_KEYS = ("norm", "lr", "optimizer", "momentum", "init", "depth", "width")
-
-
-def read_metrics(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
-    """{metric: [(step, value), ...]} with the last value kept when a step was logged twice
-    (a resumed run re-logs the steps after its last checkpoint)."""
-    series: dict[str, dict[int, float]] = {}
-    with open(run_dir / "metrics.csv", newline="") as f:
-        for row in csv.DictReader(f):
-            step = int(float(row.get("step") or 0))
-            for key, value in row.items():
-                if key not in ("step", "epoch") and value not in ("", None):
-                    series.setdefault(key, {})[step] = float(value)
-    return {k: sorted(v.items()) for k, v in series.items()}
 
 
 def run_labels(run_dirs: list[Path]) -> list[str]:
-    """Label each run by the model settings that differ between the runs."""
-    settings = []
-    for d in run_dirs:
-        cfg = yaml.safe_load((d / "config.yaml").read_text()) if (d / "config.yaml").exists() else {}
-        args = (cfg.get("model") or {}).get("init_args") or {}
-        settings.append({k: args.get(k) for k in LABEL_KEYS})
-    differ = [k for k in LABEL_KEYS if len({str(s[k]) for s in settings}) > 1]
+    """Label each run by the settings that differ between the runs (runs.LABEL_KEYS)."""
+    runs = [Run(id=d.name, config=read_config(d)) for d in run_dirs]
+    differ = differing_keys(runs, LABEL_KEYS)
     if not differ:
         return [d.name for d in run_dirs]
-    return [", ".join(f"{k}={s[k]}" for k in differ) for s in settings]
+    return [", ".join(f"{k}={r.get(k)}" for k in differ) for r in runs]
 
 
 def plot(run_dirs: list[Path], metrics: list[str], out: Path, title: str | None = None) -> Path:

@@ -1,10 +1,13 @@
 """Finished runs as data for `report` and the claims: each run's settings (from its config.yaml or
 its W&B config) and its logged series (from metrics.csv or W&B history).
 
-Light on purpose (no torch, no Lightning): `python -m bnstudy report` starts fast.
+The one reader of run directories (metrics.csv, config.yaml) for plot, report, the claims,
+reproduce and findings. Light on purpose (no torch, no Lightning): `python -m bnstudy report`
+starts fast.
 """
 from __future__ import annotations
 
+import csv
 import glob
 import math
 import os
@@ -13,8 +16,6 @@ from functools import cached_property
 from pathlib import Path
 
 import yaml
-
-from bnstudy.plot import read_metrics
 
 Series = list[tuple[int, float]]
 # what labels a run in legends and the runs table; seeds are left out so runs that differ only by
@@ -32,6 +33,8 @@ class Run:
     config: dict  # the full resolved config (config.yaml, or the W&B run config)
     metrics: dict[str, Series] = field(default_factory=dict)
     path: Path | None = None
+    # numbers measured once, at the end (as W&B's run summary), e.g. findings' full-set accuracy
+    summary: dict = field(default_factory=dict)
 
     @cached_property
     def settings(self) -> dict:
@@ -55,7 +58,8 @@ class Run:
         return self.settings.get(key, default)
 
     @property
-    def kind(self) -> str:
+    def model(self) -> str:
+        """The model family: vgg, dln (the model class's name without "Module")."""
         return str(self.get("model", ""))
 
     @property
@@ -133,6 +137,25 @@ def differing_keys(runs: list[Run], keys: tuple[str, ...] | None = None) -> list
     return [k for k in keys if len({repr(r.settings[k]) for r in runs if k in r.settings}) > 1]
 
 
+def read_metrics(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    """{metric: [(step, value), ...]} with the last value kept when a step was logged twice
+    (a resumed run re-logs the steps after its last checkpoint)."""
+    series: dict[str, dict[int, float]] = {}
+    with open(run_dir / "metrics.csv", newline="") as f:
+        for row in csv.DictReader(f):
+            step = int(float(row.get("step") or 0))
+            for key, value in row.items():
+                if key not in ("step", "epoch") and value not in ("", None):
+                    series.setdefault(key, {})[step] = float(value)
+    return {k: sorted(v.items()) for k, v in series.items()}
+
+
+def read_config(run_dir: Path) -> dict:
+    """A run directory's config.yaml as a dict ({} when it has none)."""
+    path = Path(run_dir) / "config.yaml"
+    return (yaml.safe_load(path.read_text()) or {}) if path.is_file() else {}
+
+
 def find_run_dirs(args: list[str | Path]) -> list[Path]:
     """Run directories (config.yaml + metrics.csv) named by each argument: the directory itself,
     a glob, or any directory below which runs lie (at any depth). Raises ValueError naming an
@@ -154,15 +177,18 @@ def find_run_dirs(args: list[str | Path]) -> list[Path]:
     return list(found)
 
 
+def load_run(run_dir: Path, run_id: str | None = None) -> Run:
+    """One run directory as a Run (no series yet when it has no metrics.csv)."""
+    run_dir = Path(run_dir)
+    metrics = read_metrics(run_dir) if (run_dir / "metrics.csv").is_file() else {}
+    return Run(id=run_id or run_dir.name, config=read_config(run_dir), metrics=metrics,
+               path=run_dir)
+
+
 def load_runs(args: list[str | Path]) -> list[Run]:
     dirs = find_run_dirs(args)
     root = Path(os.path.commonpath(dirs)) if len(dirs) > 1 else dirs[0].parent
-    runs = []
-    for d in dirs:
-        config = yaml.safe_load((d / "config.yaml").read_text()) or {}
-        runs.append(Run(id=str(d.relative_to(root)), config=config, metrics=read_metrics(d),
-                        path=d))
-    return runs
+    return [load_run(d, str(d.relative_to(root))) for d in dirs]
 
 
 def load_wandb_runs(spec: str) -> list[Run]:

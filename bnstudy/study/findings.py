@@ -33,15 +33,17 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
 
-from bnstudy import probes
+from bnstudy.analysis.drawing import pyplot
+from bnstudy.analysis.runs import Run
 from bnstudy.data import DigitsData, GaussianRegressionData
 from bnstudy.instruments import BNGradientBound, Curvature, Instruments, Landscape
+from bnstudy.instruments.vectors import total_norm
 from bnstudy.models import DeepLinear, init_weights
 from bnstudy.modules import DLNModule, VGGModule
 from bnstudy.threads import ThreadsForFit
 
 PARTS = ("eos", "optimizer", "init", "generalization", "smoother", "lemma45")
-# steps per kind of run, and how often the curvature/landscape probes measure
+# steps per model, and how often the curvature/landscape probes measure
 # mini is sized for a shared 2-core CPU (the DLN runs take 2,000 of the paper's 10,000 steps,
 # measured at 0, 1, 2, 4, ... and every 250 steps); paper: the DLN's full 10,000 steps
 BUDGETS = {
@@ -77,15 +79,19 @@ class Record(Callback):
             self.acc.append((step, float(acc)))
 
 
-def fit(kind: str, steps: int, every: int, seed: int = 0, thm: bool = False,
+def fit(model: str, steps: int, every: int, seed: int = 0, thm: bool = False,
         log_spaced: bool = False, max_iter: int = 30, image_size: int = VGG_IMAGE_SIZE,
         fixed_batch: bool = False, **model_kw) -> dict:
     """One Lightning fit with Curvature and Landscape (and Theorem 4.1 on BN runs) every `every`
     steps (every=0: no probes), also at 0, 1, 2, 4, ... if `log_spaced`; Curvature on the first
     batch at every measurement if `fixed_batch`; returns the logged series and the final
-    train/test accuracy (VGG)."""
+    train/test accuracy (VGG) as a Run (its summary holds seconds, input_shape, train_acc and
+    test_acc).
+
+    A plain Trainer in this process, not `python -m bnstudy fit`: about 50 fits of seconds each
+    would spend more time starting the CLI than training, and none needs a run directory."""
     L.seed_everything(seed, verbose=False)
-    if kind == "dln":
+    if model == "dln":
         module = DLNModule(depth=25, dim=10, **model_kw)
         data = GaussianRegressionData(dim=10, num_samples=1000, seed=0)
         land = Landscape(lr_logspace=(0.01, 30, 8), every=every, log_spaced=log_spaced)
@@ -107,15 +113,19 @@ def fit(kind: str, steps: int, every: int, seed: int = 0, thm: bool = False,
                         enable_checkpointing=False, limit_val_batches=0, num_sanity_val_steps=0)
     started = time.perf_counter()
     trainer.fit(module, data)
-    out = {"loss": rec.loss, "acc": rec.acc, "seconds": time.perf_counter() - started,
-           "input_shape": rec.input_shape,
-           "metrics": [(s, {k: v for k, v in m.items() if not k.startswith("time/")})
-                       for s, m in inst.history]}
-    if kind == "vgg":
+    metrics: dict[str, list[tuple[int, float]]] = {"train/loss": rec.loss, "train/acc": rec.acc}
+    for s, m in inst.history:
+        for k, v in m.items():
+            if not k.startswith("time/"):
+                metrics.setdefault(k, []).append((s, v))
+    run = Run(id=f"{model} {model_kw}", config={"model": model, "steps": steps, "seed": seed,
+                                                 **model_kw}, metrics=metrics,
+              summary={"seconds": time.perf_counter() - started, "input_shape": rec.input_shape})
+    if model == "vgg":
         data.setup()
-        out["train_acc"], out["test_acc"] = (_accuracy(module.net, *data.train_set),
-                                             _accuracy(module.net, *data.test_set))
-    return out
+        run.summary["train_acc"], run.summary["test_acc"] = (
+            _accuracy(module.net, *data.train_set), _accuracy(module.net, *data.test_set))
+    return run
 
 
 @torch.no_grad()
@@ -126,28 +136,24 @@ def _accuracy(net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     return acc
 
 
-def series(run: dict, key: str) -> list[tuple[int, float]]:
-    return [(s, m[key]) for s, m in run["metrics"] if key in m]
-
-
 def _finite(values):
     return [v for v in values if v is not None and math.isfinite(v)]
 
 
-def summary(run: dict) -> dict:
+def summary(run: Run) -> dict:
     """The numbers a table needs: final loss, accuracies, median lambda_max and beta_eff over the
     measurements after the first, and their value at the end."""
-    lam = [v for _, v in series(run, "curv/lambda_max")]
-    beta = [v for _, v in series(run, "landscape/beta_eff")]
+    lam = [v for _, v in run.series("curv/lambda_max")]
+    beta = [v for _, v in run.series("landscape/beta_eff")]
     later = lambda xs: _finite(xs[1:] or xs)  # noqa: E731
-    out = {"final_loss": run["loss"][-1][1] if run["loss"] else None,
+    out = {"final_loss": run.last("train/loss"),
            "lambda_max_median": statistics.median(later(lam)) if later(lam) else None,
            "lambda_max_last": lam[-1] if lam else None,
            "beta_eff_median": statistics.median(later(beta)) if later(beta) else None,
-           "beta_eff_last": beta[-1] if beta else None, "seconds": run["seconds"]}
+           "beta_eff_last": beta[-1] if beta else None, "seconds": run.summary["seconds"]}
     for k in ("train_acc", "test_acc"):
-        if k in run:
-            out[k] = run[k]
+        if k in run.summary:
+            out[k] = run.summary[k]
     return out
 
 
@@ -155,11 +161,11 @@ def _progress(i: int, n: int, name: str, started: float) -> None:
     print(f"[{i}/{n}] {name}  ({time.perf_counter() - started:.0f} s so far)", flush=True)
 
 
-def _runs(plan: list[tuple[str, dict]], label: str, b: dict) -> dict[str, dict]:
+def _runs(plan: list[tuple[str, dict]], label: str, b: dict) -> dict[str, Run]:
     out, started = {}, time.perf_counter()
     for i, (name, kw) in enumerate(plan, 1):
         _progress(i, len(plan), f"{label}: {name}", started)
-        if kw["kind"] == "vgg":
+        if kw["model"] == "vgg":
             kw = {**kw, "image_size": b.get("vgg_image_size", VGG_IMAGE_SIZE)}
         out[name] = fit(**kw)
     return out
@@ -167,17 +173,17 @@ def _runs(plan: list[tuple[str, dict]], label: str, b: dict) -> dict[str, dict]:
 
 # ---- the parts ----------------------------------------------------------------------------------
 def part_eos(b: dict) -> dict:
-    plan = [(f"dln lr={lr:g} norm={norm}", dict(kind="dln", steps=b["dln_steps"],
+    plan = [(f"dln lr={lr:g} norm={norm}", dict(model="dln", steps=b["dln_steps"],
                                                  every=b["dln_every"], lr=lr, norm=norm, thm=True,
                                                  log_spaced=True, max_iter=b["max_iter"]))
             for lr in (1e-6, 1e-7) for norm in ("none", "batch")]
-    plan += [(f"vgg lr={lr:g} norm={norm}", dict(kind="vgg", steps=b["vgg_steps"],
+    plan += [(f"vgg lr={lr:g} norm={norm}", dict(model="vgg", steps=b["vgg_steps"],
                                                  every=b["vgg_every"], lr=lr, norm=norm, thm=True,
                                                  max_iter=b["max_iter"]))
              for lr in (0.1, 0.5) for norm in ("none", "batch")]
     # the same VGG at lr 0.1 with lambda_max of one fixed loss (the first batch's): is "above
     # 2/lr" on the step's minibatch batch-to-batch noise, or the sharpness of the loss?
-    plan += [(f"vgg lr=0.1 norm={norm} fixed", dict(kind="vgg", steps=b["vgg_steps"],
+    plan += [(f"vgg lr=0.1 norm={norm} fixed", dict(model="vgg", steps=b["vgg_steps"],
                                                     every=b["vgg_every"], lr=0.1, norm=norm,
                                                     fixed_batch=True, max_iter=b["max_iter"]))
              for norm in ("none", "batch")]
@@ -188,14 +194,14 @@ def part_optimizer(b: dict) -> dict:
     opts = {"sgd": dict(optimizer="sgd", lr=0.1), "sgd+momentum": dict(optimizer="sgd", lr=0.1,
                                                                        momentum=0.9),
             "adam": dict(optimizer="adam", lr=1e-3)}
-    plan = [(f"{o} norm={norm}", dict(kind="vgg", steps=b["vgg_steps"], every=b["vgg_every"],
+    plan = [(f"{o} norm={norm}", dict(model="vgg", steps=b["vgg_steps"], every=b["vgg_every"],
                                       max_iter=b["max_iter"], norm=norm, **kw))
             for o, kw in opts.items() for norm in ("none", "batch")]
     return _runs(plan, "optimizer", b)
 
 
 def part_init(b: dict) -> dict:
-    plan = [(f"{init} norm={norm}", dict(kind="vgg", steps=b["vgg_steps"], every=b["vgg_every"],
+    plan = [(f"{init} norm={norm}", dict(model="vgg", steps=b["vgg_steps"], every=b["vgg_every"],
                                          max_iter=b["max_iter"], norm=norm, init=init, lr=0.1,
                                          depth=16))
             for init in ("glorot", "kaiming", "orthogonal", "default") for norm in ("none", "batch")]
@@ -203,29 +209,29 @@ def part_init(b: dict) -> dict:
 
 
 def part_generalization(b: dict) -> dict:
-    plan = [(f"norm={norm} seed={s}", dict(kind="vgg", steps=b["vgg_steps"], every=0,
+    plan = [(f"norm={norm} seed={s}", dict(model="vgg", steps=b["vgg_steps"], every=0,
                                            norm=norm, lr=0.1, seed=s))
             for norm in ("none", "batch") for s in range(b["seeds"])]
     return _runs(plan, "generalization", b)
 
 
 def part_smoother(b: dict) -> dict:
-    plan = [(f"norm={norm}", dict(kind="vgg", steps=b["vgg_steps"],
+    plan = [(f"norm={norm}", dict(model="vgg", steps=b["vgg_steps"],
                                   every=b["vgg_every"] // 2 or 1, max_iter=b["max_iter"],
                                   norm=norm, lr=0.1))
             for norm in ("none", "batch", "layer", "group", "l1", "l2", "linf")]
     return _runs(plan, "smoother", b)
 
 
-def matched(run: dict, level: float) -> dict:
+def matched(run: Run, level: float) -> dict:
     """lambda_max and beta_eff at the first measurement where the running training accuracy (the
     mean of the last 20 steps) reached `level`."""
-    acc = dict(run["acc"])
-    for s, m in run["metrics"]:
+    acc = dict(run.series("train/acc"))
+    beta = dict(run.series("landscape/beta_eff"))
+    for s, lam in run.series("curv/lambda_max"):
         window = [acc[t] for t in range(max(0, s - 19), s + 1) if t in acc]
-        if window and statistics.mean(window) >= level and "curv/lambda_max" in m:
-            return {"step": s, "lambda_max": m["curv/lambda_max"],
-                    "beta_eff": m.get("landscape/beta_eff")}
+        if window and statistics.mean(window) >= level:
+            return {"step": s, "lambda_max": lam, "beta_eff": beta.get(s)}
     return {"step": None, "lambda_max": None, "beta_eff": None}
 
 
@@ -240,6 +246,8 @@ def part_lemma45(b: dict) -> dict:
     y = x @ torch.randn(10, 10, generator=g).T
     loss_fn = lambda o, t: F.mse_loss(o, t, reduction="sum") / len(o)  # noqa: E731
 
+    # a hand-written Adam loop, not a Trainer: a Trainer's per-step overhead would dwarf these
+    # full-batch steps of a 6-layer 10x10 network, 18 fits of `lemma_steps` each
     def train(model):
         opt = torch.optim.Adam(model.parameters(), lr=3e-3)
         for _ in range(b["lemma_steps"]):
@@ -284,33 +292,24 @@ def part_lemma45(b: dict) -> dict:
                      / sum(r["dist"] for r in layers),
                      "positive_inner": sum(r["inner"] > 0 for r in layers),
                      "bn_loss_at_plain_optimum": float(lbn.detach()),
-                     "bn_grad_norm_at_plain_optimum": probes._norm(list(grad))})
+                     "bn_grad_norm_at_plain_optimum": total_norm(list(grad))})
     return {"rows": rows}
 
 
 # ---- figures ------------------------------------------------------------------------------------
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def figure_eos(runs: dict, out: Path) -> None:
-    plt = _plt()
+    plt = pyplot()
     names = list(runs)
     fig, axes = plt.subplots(2, (len(names) + 1) // 2, figsize=(4 * ((len(names) + 1) // 2), 7),
                              squeeze=False)
     for ax, name in zip(axes.flat, names):
         run = runs[name]
         for key, label in (("curv/lambda_max", "lambda_max"), ("landscape/beta_eff", "beta_eff")):
-            pts = [(s, v) for s, v in series(run, key) if v > 0 and math.isfinite(v)]
+            pts = [(s, v) for s, v in run.series(key) if v > 0 and math.isfinite(v)]
             if pts:
                 ax.plot([max(s, 1) for s, _ in pts], [v for _, v in pts], marker=".",
                         label=label)
-        two = series(run, "curv/two_over_lr")
+        two = run.series("curv/two_over_lr")
         if two:
             ax.axhline(two[0][1], color="k", ls="--", lw=1, label="2/lr")
         ax.set_xscale("log")
@@ -324,15 +323,14 @@ def figure_eos(runs: dict, out: Path) -> None:
 
 
 def figure_thm41(runs: dict, out: Path) -> None:
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, run in runs.items():
         for key, ls in (("ratio_printed", "-"), ("ratio_rederived", ":")):
             vals: dict[int, list[float]] = {}
-            for s, m in run["metrics"]:
-                for k, v in m.items():
-                    if k.startswith(f"thm41/{key}/") and math.isfinite(v):
-                        vals.setdefault(s, []).append(v)
+            for k in run.keys(f"thm41/{key}/"):
+                for s, v in run.finite(k):
+                    vals.setdefault(s, []).append(v)
             if vals:
                 steps = sorted(vals)
                 ax.plot([max(s, 1) for s in steps], [max(vals[s]) for s in steps], ls=ls,
@@ -350,14 +348,14 @@ def figure_thm41(runs: dict, out: Path) -> None:
 
 def figure_curves(runs: dict, out: Path, filename: str, title: str) -> None:
     """Training loss, lambda_max and beta_eff over steps, one line per run."""
-    plt = _plt()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
     for name, run in runs.items():
-        loss = run["loss"]
+        loss = run.series("train/loss")
         k = max(1, len(loss) // 100)
         axes[0].plot([s for s, _ in loss][::k], [v for _, v in loss][::k], label=name, lw=1)
         for ax, key in zip(axes[1:], ("curv/lambda_max", "landscape/beta_eff")):
-            pts = [(s, v) for s, v in series(run, key) if math.isfinite(v) and v > 0]
+            pts = [(s, v) for s, v in run.series(key) if math.isfinite(v) and v > 0]
             ax.plot([s for s, _ in pts], [v for _, v in pts], marker=".", lw=1, label=name)
     for ax, t in zip(axes, ("train loss", "lambda_max", "beta_eff")):
         ax.set_title(t)
@@ -371,7 +369,7 @@ def figure_curves(runs: dict, out: Path, filename: str, title: str) -> None:
 
 
 def figure_generalization(table: dict, out: Path) -> None:
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(5, 3.5))
     for i, (norm, row) in enumerate(table.items()):
         for j, key in enumerate(("train_acc", "test_acc")):
@@ -389,7 +387,7 @@ def figure_generalization(table: dict, out: Path) -> None:
 
 
 def figure_lemma45(rows: list[dict], out: Path) -> None:
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.8))
     labels = [f"{r['init']} x{r['scale']:g}" for r in rows]
     dist = [sum(layer["dist"] for layer in r["layers"]) for r in rows]
@@ -425,18 +423,16 @@ def run(out: Path, budget: str = "mini", only: list[str] | None = None,
         figure_thm41({k: v for k, v in runs.items() if "batch" in k}, out)
         thm = {}
         for name, r in runs.items():
-            ratios = [v for _, m in r["metrics"] for k, v in m.items()
-                      if k.startswith("thm41/ratio_")]
-            if ratios:
-                pick = lambda key: [v for _, m in r["metrics"] for k, v in m.items()  # noqa
-                                    if k.startswith(f"thm41/{key}/") and math.isfinite(v)]
+            if r.keys("thm41/ratio_"):
+                pick = lambda key: [v for k in r.keys(f"thm41/{key}/")  # noqa: E731
+                                    for _, v in r.finite(k)]
                 thm[name] = {key: {"min": min(pick(key)), "max": max(pick(key))}
                              for key in ("ratio_printed", "ratio_rederived", "holds_printed",
                                          "holds_rederived")}
         found["eos"] = {"runs": {k: summary(v) for k, v in runs.items()},
-                        "series": {k: {"lambda_max": series(v, "curv/lambda_max"),
-                                       "beta_eff": series(v, "landscape/beta_eff"),
-                                       "two_over_lr": (series(v, "curv/two_over_lr") or
+                        "series": {k: {"lambda_max": v.series("curv/lambda_max"),
+                                       "beta_eff": v.series("landscape/beta_eff"),
+                                       "two_over_lr": (v.series("curv/two_over_lr") or
                                                        [(0, None)])[0][1]}
                                    for k, v in runs.items()},
                         "theorem41": thm}
@@ -458,9 +454,9 @@ def run(out: Path, budget: str = "mini", only: list[str] | None = None,
         for name, r in runs.items():
             norm = name.split()[0].split("=")[1]
             row = table.setdefault(norm, {"train_acc": [], "test_acc": [], "gap": []})
-            row["train_acc"].append(r["train_acc"])
-            row["test_acc"].append(r["test_acc"])
-            row["gap"].append(r["train_acc"] - r["test_acc"])
+            row["train_acc"].append(r.summary["train_acc"])
+            row["test_acc"].append(r.summary["test_acc"])
+            row["gap"].append(r.summary["train_acc"] - r.summary["test_acc"])
         figure_generalization(table, out)
         found["generalization"] = table
         _save(out, found)

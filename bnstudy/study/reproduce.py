@@ -13,7 +13,6 @@ deep linear network runs at the paper's exact size, steps and learning rates.
 from __future__ import annotations
 
 import argparse
-import csv
 import fnmatch
 import json
 import os
@@ -25,6 +24,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from bnstudy.analysis.runs import load_run
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -40,7 +41,10 @@ DLN_STEPS = 10_000   # the paper's
 
 
 @dataclass
-class Run:
+class PlannedRun:
+    """A run of the plan: a paper config, its steps and overrides (a finished run is an
+    analysis.runs.Run)."""
+
     name: str
     config: str                      # a file in configs/
     steps: int
@@ -60,16 +64,16 @@ class Run:
         return args
 
 
-def _vgg(name: str, config: str, lr: float, claims: str, *extra: str) -> Run:
-    return Run(name, config, VGG_STEPS,
+def _vgg(name: str, config: str, lr: float, claims: str, *extra: str) -> PlannedRun:
+    return PlannedRun(name, config, VGG_STEPS,
                [*VGG_DATA, f"--model.width={VGG_WIDTH}", f"--model.lr={lr}", *extra], claims)
 
 
-def _dln(name: str, config: str, lr: float, claims: str) -> Run:
-    return Run(name, config, DLN_STEPS, [f"--model.lr={lr}"], claims)
+def _dln(name: str, config: str, lr: float, claims: str) -> PlannedRun:
+    return PlannedRun(name, config, DLN_STEPS, [f"--model.lr={lr}"], claims)
 
 
-def mini_runs() -> list[Run]:
+def mini_runs() -> list[PlannedRun]:
     """The mini reproduction, most important first (two run at a time), so that a run cut short
     by the time at hand has the key figures already."""
     return [
@@ -100,28 +104,16 @@ PLANS = {"mini": mini_runs}
 
 
 # -- reading a run's progress and result -------------------------------------------------------
-def read_metrics(run_dir: Path) -> list[dict]:
-    path = run_dir / "metrics.csv"
-    if not path.exists():
-        return []
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
-
-
-def last_value(rows: list[dict], key: str) -> float | None:
-    values = [r[key] for r in rows if r.get(key) not in (None, "")]
-    return float(values[-1]) if values else None
-
-
-def summary(run_dir: Path) -> str:
-    rows = read_metrics(run_dir)
+def result_line(run_dir: Path) -> str:
+    """The final numbers of a run, for the progress display: loss, test accuracy or loss."""
+    run = load_run(run_dir)
     parts = []
     for key, label, fmt in (("train/loss", "loss", ".3g"), ("val/acc", "test acc", ".3f"),
                             ("val/loss", "test loss", ".3g")):
-        value = last_value(rows, key)
-        if value is not None and not (key == "val/loss" and last_value(rows, "val/acc")):
+        value = run.last(key)
+        if value is not None and not (key == "val/loss" and run.last("val/acc")):
             parts.append(f"{label} {value:{fmt}}")
-    if last_value(rows, "diverged"):
+    if run.last("diverged"):
         parts.append("diverged")
     return ", ".join(parts)
 
@@ -166,7 +158,7 @@ def stop_children(grace_s: float = 10.0) -> None:
             proc.kill()
 
 
-def run_one(run: Run, out: Path, steps_scale: float, threads: int) -> dict:
+def run_one(run: PlannedRun, out: Path, steps_scale: float, threads: int) -> dict:
     run_dir = out / "runs" / run.name
     if (run_dir / "done.json").exists():  # finished at another step count: kept, set aside
         old = json.loads((run_dir / "done.json").read_text()).get("steps", "other")
@@ -205,7 +197,7 @@ def finished(done: Path, steps: int) -> bool:
     return json.loads(done.read_text()).get("steps", steps) == steps
 
 
-def run_all(runs: list[Run], out: Path, steps_scale: float, jobs: int, threads: int) -> list[dict]:
+def run_all(runs: list[PlannedRun], out: Path, steps_scale: float, jobs: int, threads: int) -> list[dict]:
     from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
                                TimeElapsedColumn)
 
@@ -221,11 +213,11 @@ def run_all(runs: list[Run], out: Path, steps_scale: float, jobs: int, threads: 
     with Progress(*columns, refresh_per_second=2) as progress:
         for r in results:
             progress.console.print(f"[dim]skipped {r['name']} (finished earlier: "
-                                   f"{summary(out / 'runs' / r['name'])})[/dim]")
+                                   f"{result_line(out / 'runs' / r['name'])})[/dim]")
         overall = progress.add_task("runs", total=len(runs), completed=len(results))
         active: dict[str, tuple[int, Path, int]] = {}
 
-        def start(run: Run) -> dict:
+        def start(run: PlannedRun) -> dict:
             done = out / "runs" / run.name / "done.json"
             if finished(done, max(2, round(run.steps * steps_scale))):  # finished meanwhile by another invocation (e.g. an --only one)
                 progress.console.print(f"[dim]skipped {run.name} (finished meanwhile)[/dim]")
@@ -237,7 +229,7 @@ def run_all(runs: list[Run], out: Path, steps_scale: float, jobs: int, threads: 
             result = run_one(run, out, steps_scale, threads)
             del active[run.name]
             progress.remove_task(task)
-            status = (summary(out / "runs" / run.name) if result["rc"] == 0
+            status = (result_line(out / "runs" / run.name) if result["rc"] == 0
                       else f"[red]FAILED rc={result['rc']}, see {result['log']}[/red]")
             progress.console.print(f"{'done' if result['rc'] == 0 else 'fail'} {run.name} "
                                    f"{result['wall_s']:.0f} s: {status}")
@@ -265,7 +257,7 @@ def run_all(runs: list[Run], out: Path, steps_scale: float, jobs: int, threads: 
 def write_report(run_dirs: list[Path], out: Path):
     """The report's claims (a list), or None when the report module is missing."""
     try:
-        from bnstudy.report import build_report
+        from bnstudy.analysis.report import build_report
     except ImportError:
         print("bnstudy reproduce: the report module is not installed; runs kept, no report",
               file=sys.stderr)
@@ -279,7 +271,7 @@ def _cell(text) -> str:
     return str(text).replace("|", "\\|").replace("\n", " ")
 
 
-def write_summary(out: Path, runs: list[Run], timing: dict, claims, argv: list[str]) -> Path:
+def write_summary(out: Path, runs: list[PlannedRun], timing: dict, claims, argv: list[str]) -> Path:
     """out/summary.md: the command, its time, one row per run and the claims table, in Markdown
     (docs/RESULTS.md quotes it)."""
     lines = [f"Command: `python -m bnstudy reproduce {' '.join(argv)}`", "",
@@ -298,9 +290,9 @@ def write_summary(out: Path, runs: list[Run], timing: dict, claims, argv: list[s
     lines += ["| run | feeds | steps | final train loss | final test acc | final test loss | "
               "wall s | CPU s |", "|---|---|---|---|---|---|---|---|"]
     for run in runs:
-        rows = read_metrics(out / "runs" / run.name)
-        steps = max((int(float(r["step"])) for r in rows if r.get("step")), default=0)
-        cells = [last_value(rows, k) for k in ("train/loss", "val/acc", "val/loss")]
+        logged = load_run(out / "runs" / run.name)
+        steps = max((s for series in logged.metrics.values() for s, _ in series), default=0)
+        cells = [logged.last(k) for k in ("train/loss", "val/acc", "val/loss")]
         info = timing["runs"].get(run.name, {})
         lines.append("| " + " | ".join(_cell(c) for c in [
             run.name, run.claims, steps, *(f"{c:.4g}" if c is not None else "-" for c in cells),
