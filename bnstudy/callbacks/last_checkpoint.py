@@ -24,8 +24,12 @@ class LastCheckpoint(ModelCheckpoint):
                              f"got {every_n_train_steps}")
         if every_minutes is not None and every_minutes <= 0:
             raise ValueError(f"last_checkpoint.every_minutes must be > 0 or null; got {every_minutes}")
+        # last.ckpt is always replaced: in a moved run directory the restored state does not know
+        # the old last.ckpt, and Lightning's version counter would write last-v1.ckpt beside it,
+        # which no resume picks (the next one would start again from the old last.ckpt)
         super().__init__(dirpath=dirpath, save_last=True, save_top_k=0,
-                         every_n_train_steps=every_n_train_steps or 0)
+                         every_n_train_steps=every_n_train_steps or 0,
+                         enable_version_counter=False)
         self.every_minutes = None if every_n_train_steps else every_minutes
         self.check_every = max(1, check_every)
         self._clock = time.monotonic()
