@@ -27,7 +27,7 @@ from pathlib import Path
 
 from bnstudy.analysis.runs import load_run
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 # The digits-32 miniature of the paper's VGG setup (see the module docstring): the paper's batch
 # size, optimizer and init. Without BN the network needs a few hundred steps to leave its initial
