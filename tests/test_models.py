@@ -34,7 +34,7 @@ def test_vgg_takes_input_shape_from_data():
 
 
 def test_dln_norm_after_every_layer_but_the_last():
-    net = DeepLinear(depth=25, width=10, norm="batch")
+    net = DeepLinear(depth=25, dim=10, norm="batch")
     kinds = [type(m) for m in net.layers]
     assert kinds.count(nn.Linear) == 25 and kinds.count(nn.BatchNorm1d) == 24
     assert kinds[-1] is nn.Linear and kinds[-2] is nn.BatchNorm1d

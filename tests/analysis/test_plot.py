@@ -3,9 +3,10 @@ from __future__ import annotations
 
 import pytest
 
+from bnstudy.analysis.plot import run_labels
+from bnstudy.analysis.runs import read_metrics
 from bnstudy.cli import cli_main, main
-from bnstudy.plot import read_metrics, run_labels
-from test_cli import tiny_args
+from tiny_fits import tiny_args
 
 
 def test_plot_compares_runs_labelled_by_what_differs(in_tmp, monkeypatch, capsys):

@@ -18,10 +18,10 @@ import pytest
 import yaml
 
 import wandb_records
-from bnstudy import claims
+from bnstudy.analysis import claims
+from bnstudy.analysis.figures import FIGURES
+from bnstudy.analysis.runs import load_runs, run_from_history
 from bnstudy.cli import cli_main, main
-from bnstudy.report import FIGURES
-from bnstudy.runs import load_runs, run_from_history
 from conftest import REPO
 
 pytestmark = [pytest.mark.filterwarnings("ignore:.*does not have many workers"),

@@ -1,65 +1,25 @@
-"""Curvature probes (Hessian eigenvalues, Hutchinson trace) against the dense float64 Hessian and
-exact oracles; Theorem 4.1's two sides against a closed form; the measurement invariance."""
+"""Curvature (bnstudy/instruments/curvature.py): Lanczos and Hutchinson on quadratics with a known
+Hessian, the warm start, the Curvature probe in fits (against the dense float64 twin, on the
+step's batch or one fixed batch) and across resumes. The plain twin check runs in test_twins.py."""
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
-import numpy as np
+import lightning as L
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 
 from bnstudy import probes
-from bnstudy.models import DeepLinear, init_weights
-from test_probes import assert_same, snapshot, trained_step
+from bnstudy.instruments import BNGradientBound, Curvature, Instruments, Landscape
+from bnstudy.modules import DLNModule
+from cases import TWINS, Recorder, same_state, trainer
 
-
-def mlp_bn():
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(5, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Linear(8, 3))
-    return model, F.cross_entropy, torch.randn(32, 5), torch.randint(0, 3, (32,))
-
-
-def conv_bn():
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.BatchNorm2d(3), nn.ReLU(),
-                          nn.Conv2d(3, 2, 3), nn.BatchNorm2d(2), nn.ReLU(), nn.Flatten(),
-                          nn.Linear(8, 3))
-    return model, F.cross_entropy, torch.randn(16, 2, 4, 4), torch.randint(0, 3, (16,))
-
-
-def small_dln(norm: str):
-    def make():
-        torch.manual_seed(0)
-        model = DeepLinear(4, 3, norm)
-        init_weights(model)
-        x = torch.randn(64, 3)
-        return model, lambda o, t: F.mse_loss(o, t, reduction="sum"), x, x @ torch.randn(3, 3)
-    return make
-
-
-TWINS = {"mlp_bn": mlp_bn, "conv_bn": conv_bn, "dln": small_dln("none"),
-         "dln_bn": small_dln("batch")}
-
-
-@pytest.mark.parametrize("case", list(TWINS))
-def test_top_eigenvalues_and_trace_equal_the_dense_twin(case):
-    model, loss_fn, x, y = TWINS[case]()
-    hess, names = probes.hessian_dense(model, loss_fn, x, y)
-    assert names == [n for n, _ in model.named_parameters()]
-    dense = torch.linalg.eigvalsh(hess).flip(0).numpy()
-    result = probes.hessian_eigs(model, loss_fn, x, y, k=3, tol=1e-6)
-    assert result["eigenvalues"] == pytest.approx(dense[:3].tolist(), rel=1e-4)
-    assert result["residual"] <= 1e-6
-    # the vectors are unit eigenvectors: u^T H u = lambda for the dense H
-    u = torch.cat([result["vectors"][0][n].double().reshape(-1) for n in names])
-    assert float(u.norm()) == pytest.approx(1, rel=1e-5)
-    assert float(u @ hess @ u) == pytest.approx(dense[0], rel=1e-4)
-    trace = probes.hessian_trace(model, loss_fn, x, y, samples=64, seed=1)
-    assert abs(trace["trace"] - float(hess.trace())) <= 3 * trace["se"]
-    assert trace["se"] > 0 and trace["hvps"] == 64
+pytestmark = [pytest.mark.filterwarnings("ignore:.*does not have many workers"),
+              pytest.mark.filterwarnings("ignore:You defined a `validation_step`"),
+              pytest.mark.filterwarnings("ignore:.*LeafSpec"),
+              pytest.mark.filterwarnings("ignore:.*srun")]
 
 
 def quadratic(spectrum, diagonal: bool = False):
@@ -130,89 +90,71 @@ def test_bad_arguments_say_what_is_wrong():
         probes.bn_gradient_bound(model, loss_fn, x, y, layers=[2])
 
 
-def test_curvature_probes_leave_all_state_bit_for_bit():
-    model, loss_fn, x, y, after, _ = trained_step("vgg_noisy_bn")
-    model.train()
-    loss_fn(model(x), y).backward()  # .grad populated, noise drawn and held
-    before = snapshot(model)
-    probes.hessian_eigs(model, loss_fn, x, y, k=2, max_iter=5)
-    probes.hessian_trace(model, loss_fn, x, y, samples=2)
-    probes.bn_gradient_bound(model, loss_fn, x, y, layers=[1, 2])
-    assert_same(before, snapshot(model))
+def test_curvature_and_theorem_probes_in_a_fit_equal_the_dense_twin():
+    """Curvature logs the top Hessian eigenvalue of the step's loss at W^t (the dense float64
+    twin on the recorded model and batch), warm-started: later steps spend fewer products;
+    BNGradientBound logs the plain probe's numbers."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 3, generator=g)
+    data = DataLoader(TensorDataset(x, x @ torch.randn(3, 3, generator=g)), batch_size=64)
+    curv = Curvature(every=1, tol=1e-6, trace_samples=64)
+    inst = Instruments([curv, Landscape(every=1), BNGradientBound(every=1, layers=[2])])
+    rec = Recorder()
+    L.seed_everything(0, verbose=False)
+    module = DLNModule(depth=4, dim=3, norm="batch", lr=1e-4)
+    trainer(4, [rec, inst]).fit(module, data)
+    assert [s for s, _ in inst.history] == [0, 1, 2, 3]
+    for step, metrics in inst.history:
+        r = rec.steps[step]
+        hess, _ = probes.hessian_dense(r["net"], module.loss_fn, *r["batch"])
+        dense = torch.linalg.eigvalsh(hess).flip(0)
+        assert metrics["curv/lambda_max"] == pytest.approx(float(dense[0]), rel=1e-4)
+        assert abs(metrics["curv/trace"] - float(hess.trace())) <= 3 * metrics["curv/trace_se"]
+        assert metrics["curv/two_over_lr"] == pytest.approx(2 / 1e-4)
+        assert metrics["landscape/beta_eff"] > 0
+        bound = probes.bn_gradient_bound(r["net"], module.loss_fn, *r["batch"], layers=[2])
+        assert metrics["thm41/ratio_rederived/layer02"] == pytest.approx(
+            bound["layers.2"]["ratio_rederived"], rel=1e-6)
+    hvps = [m["curv/hvps"] for _, m in inst.history]
+    assert max(hvps[1:]) < hvps[0]  # warm start
+    assert curv._vectors is None  # dropped at teardown
 
 
-# ---- Theorem 4.1 -------------------------------------------------------------------------------
-def one_bn_layer(eps: float):
-    """y = W1 x, z = BN(y) (gamma, beta set), out = W2 z, loss 1/2 ||out - t||^2: dL/dz = (out -
-    t) W2 in closed form."""
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(4, 3, bias=False), nn.BatchNorm1d(3, eps=eps),
-                          nn.Linear(3, 2, bias=False)).double()
-    with torch.no_grad():
-        model[1].weight.copy_(torch.tensor([0.5, 2.0, -1.5]))
-        model[1].bias.copy_(torch.tensor([0.1, -0.2, 0.3]))
-    x, t = torch.randn(10, 4, dtype=torch.float64), torch.randn(10, 2, dtype=torch.float64)
-    return model, lambda o, tt: 0.5 * (o - tt).pow(2).sum(), x, t
-
-
-def closed_form(model, x, t):
-    """Both sides of Theorem 4.1 written out with numpy from the forward values alone."""
-    w1, w2 = model[0].weight.detach().numpy(), model[2].weight.detach().numpy()
-    gamma, beta, eps = model[1].weight.detach().numpy(), model[1].bias.detach().numpy(), \
-        model[1].eps
-    y = x.numpy() @ w1.T
-    m = len(y)
-    sigma = np.sqrt(y.var(0) + eps)
-    y_hat = (y - y.mean(0)) / sigma
-    out = (gamma * y_hat + beta) @ w2.T
-    g = (out - t.numpy()) @ w2  # dL/dz
-    g_hat = gamma * g  # dL/dy-hat
-    dy = (g_hat - g_hat.mean(0) - y_hat * (g_hat * y_hat).mean(0)) / sigma  # BN backward
-    lhs = (dy ** 2).sum(0)
-    scale = gamma ** 2 / sigma ** 2
-    core = (g ** 2).sum(0) - g.sum(0) ** 2 / m
-    inner = (g * y_hat).sum(0) ** 2
-    return m, lhs, scale * (core - inner / np.sqrt(m)), scale * (core - inner / m)
-
-
-@pytest.mark.parametrize("eps", [1e-300, 1e-2])  # torch needs eps > 0; 1e-300 is 0 here
-def test_theorem_4_1_both_sides_equal_the_closed_form(eps):
-    model, loss_fn, x, t = one_bn_layer(eps)
-    m, lhs, rhs_printed, rhs_m = closed_form(model, x, t)
-    result = probes.bn_gradient_bound(model, loss_fn, x, t)
-    assert list(result) == ["0"]
-    r = result["0"]
-    assert r["m"] == m == 10
-    assert r["lhs"] == pytest.approx(lhs.sum(), rel=1e-12)
-    assert r["rhs_printed"] == pytest.approx(rhs_printed.sum(), rel=1e-12)
-    assert r["rhs_rederived"] == pytest.approx(rhs_m.sum(), rel=1e-12)
-    assert r["ratio_exact"] == pytest.approx(1, rel=1e-12)
-    # the printed 1/sqrt(m) bound fails on every unit; 1/m holds, with equality as eps -> 0
-    assert r["holds_printed"] == 0 and r["holds_rederived"] == 1
-    assert r["ratio_printed"] > 1.05
-    if eps < 1e-100:
-        assert r["ratio_rederived"] == pytest.approx(1, rel=1e-12)
-        assert lhs == pytest.approx(rhs_m, rel=1e-12)
-    else:
-        assert r["ratio_rederived"] < 1 - 1e-4
-
-
-def test_theorem_4_1_on_conv_layers_counts_positions_as_samples():
-    """BatchNorm2d: a unit's m samples are batch x height x width; the exact identity holds."""
-    model, loss_fn, x, y = conv_bn()
-    result = probes.bn_gradient_bound(model, loss_fn, x, y)
-    assert list(result) == ["0", "3"]
-    assert [r["m"] for r in result.values()] == [16 * 4 * 4, 16 * 2 * 2]
-    for r in result.values():
-        assert r["ratio_exact"] == pytest.approx(1, rel=1e-5)
-        assert r["holds_rederived"] == 1 and r["holds_printed"] < 1
+def test_curvature_on_a_fixed_batch_measures_the_first_batch_at_every_step():
+    """fixed_batch=True: lambda_max (and the trace) at W^t on the first measured step's batch,
+    not the step's own batch (the dense float64 twin of each; the two differ at later steps),
+    and the run trains bit for bit as without it."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(96, 3, generator=g)
+    data = DataLoader(TensorDataset(x, x @ torch.randn(3, 3, generator=g)), batch_size=32)
+    inst = Instruments([Curvature(every=1, tol=1e-6, trace_samples=64, fixed_batch=True)])
+    rec = Recorder()
+    runs = []
+    for callbacks in ([rec, inst], []):
+        L.seed_everything(0, verbose=False)
+        module = DLNModule(depth=4, dim=3, norm="batch", lr=1e-3)
+        trainer(4, callbacks).fit(module, data)
+        runs.append(module.state_dict())
+    assert same_state(runs[0], runs[1])
+    assert [s for s, _ in inst.history] == [0, 1, 2, 3]
+    first = rec.steps[0]["batch"]
+    for step, metrics in inst.history:
+        r = rec.steps[step]
+        hess, _ = probes.hessian_dense(r["net"], module.loss_fn, *first)
+        assert metrics["curv/lambda_max"] == pytest.approx(
+            float(torch.linalg.eigvalsh(hess)[-1]), rel=1e-4)
+        assert abs(metrics["curv/trace"] - float(hess.trace())) <= 3 * metrics["curv/trace_se"]
+        if step in (1, 2):  # the epoch's second and third batches: another loss
+            own, _ = probes.hessian_dense(r["net"], module.loss_fn, *r["batch"])
+            assert metrics["curv/lambda_max"] != pytest.approx(
+                float(torch.linalg.eigvalsh(own)[-1]), rel=1e-2)
 
 
 def whole_and_resumed(base: list[str], steps: int, stop: int) -> tuple[dict, dict]:
     """{step: (curv/lambda_max, curv/hvps)} of a CLI fit of `steps` steps in run_dir "whole" and
     of one stopped at `stop` and resumed from its checkpoint in run_dir "parts"."""
     from bnstudy.cli import cli_main
-    from test_cli import read_metrics
+    from tiny_fits import read_metrics
 
     cli_main(["fit", *base, f"--trainer.max_steps={steps}", "--run_dir=whole"])
     cli_main(["fit", *base, f"--trainer.max_steps={stop}", "--run_dir=parts"])
@@ -227,7 +169,7 @@ def test_a_resumed_run_measures_lambda_max_as_one_never_stopped(in_tmp, monkeypa
     """The warm start travels in the checkpoint: after a resume, curv/lambda_max and the products
     it took are those of the uninterrupted run, to the bit (a cold start costs more products and
     lands elsewhere within the tolerance)."""
-    from test_cli import last, read_metrics, tiny_args
+    from tiny_fits import last, read_metrics, tiny_args
 
     monkeypatch.setenv("WANDB_MODE", "disabled")
     whole, parts = whole_and_resumed([*tiny_args("dln_bn.yaml"), "--data.steps_per_epoch=20"],
@@ -243,7 +185,7 @@ def test_a_resumed_run_keeps_the_fixed_batch(in_tmp, monkeypatch):
     """Curvature(fixed_batch=True) on minibatches: the first step's batch travels in the
     checkpoint, so the measurement after a resume is on that batch and equals the uninterrupted
     run's to the bit (a resume that took its first batch instead would measure another loss)."""
-    from test_cli import tiny_args
+    from tiny_fits import tiny_args
 
     monkeypatch.setenv("WANDB_MODE", "disabled")
     (in_tmp / "curv.yaml").write_text(

@@ -6,13 +6,12 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-from bnstudy.findings import matched, tables
-
-REPO = Path(__file__).resolve().parents[1]
+from bnstudy.analysis.runs import Run
+from bnstudy.study.findings import matched, tables
+from conftest import REPO
 
 
 def test_findings_driver_with_a_tiny_budget(tmp_path):
@@ -55,9 +54,10 @@ def test_bad_part_is_a_one_line_error(capsys):
 
 
 def test_matched_accuracy_picks_the_first_measurement_at_the_level():
-    run = {"acc": [(s, 0.5 if s < 30 else 0.95) for s in range(100)],
-           "metrics": [(s, {"curv/lambda_max": float(s), "landscape/beta_eff": 2.0 * s})
-                       for s in (0, 25, 50, 75)]}
+    run = Run(id="vgg", config={}, metrics={
+        "train/acc": [(s, 0.5 if s < 30 else 0.95) for s in range(100)],
+        "curv/lambda_max": [(s, float(s)) for s in (0, 25, 50, 75)],
+        "landscape/beta_eff": [(s, 2.0 * s) for s in (0, 25, 50, 75)]})
     assert matched(run, 0.9) == {"step": 50, "lambda_max": 50.0, "beta_eff": 100.0}
     assert matched(run, 0.99)["step"] is None
 
@@ -65,10 +65,10 @@ def test_matched_accuracy_picks_the_first_measurement_at_the_level():
 def test_vgg_parts_run_on_the_cifar_shaped_digits_when_asked():
     """--vgg-image-size 32: the VGG parts train on 3x32x32 digits (all five pools run), and the
     probes measure there."""
-    from bnstudy import findings
+    from bnstudy.study import findings
 
-    run = findings.fit(kind="vgg", steps=2, every=1, norm="none", lr=0.1, image_size=32)
-    assert run["input_shape"] == [64, 3, 32, 32]
-    assert [s for s, m in run["metrics"] if "curv/lambda_max" in m] == [0, 1]
-    assert findings.fit(kind="vgg", steps=1, every=0, norm="batch", lr=0.1)["input_shape"] == [
-        64, 1, 8, 8]  # the default stays the fast 8x8
+    run = findings.fit(model="vgg", steps=2, every=1, norm="none", lr=0.1, image_size=32)
+    assert run.summary["input_shape"] == [64, 3, 32, 32]
+    assert [s for s, _ in run.series("curv/lambda_max")] == [0, 1]
+    assert findings.fit(model="vgg", steps=1, every=0, norm="batch", lr=0.1).summary[
+        "input_shape"] == [64, 1, 8, 8]  # the default stays the fast 8x8

@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from bnstudy import grid
 from bnstudy.cli import main
 from bnstudy.lightning_cli import parse_only
+from bnstudy.study import grid
+from conftest import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 SWEEPS = sorted((REPO / "sweeps").glob("*.yaml"))
 
 # The grids the issue asks for: the paper's figures and docs/protocol.md section 8's open questions.

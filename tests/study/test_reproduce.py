@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from bnstudy.lightning_cli import parse_only
-from bnstudy.reproduce import DLN_STEPS, mini_runs
+from bnstudy.study.reproduce import DLN_STEPS, mini_runs
 from conftest import REPO
 
 
@@ -89,7 +89,7 @@ def test_driver_runs_skips_finished_runs_and_writes_the_report(tmp_path):
     assert (out / "runs" / "dln_bn_lr1e-6" / "done.json").exists()
 
     # a run finished at another step budget is run again; the earlier one is kept beside it
-    from bnstudy.reproduce import VGG_STEPS
+    from bnstudy.study.reproduce import VGG_STEPS
 
     third = reproduce(out, "--no-report", "--only", "vgg_lr0.5", "--steps-scale", str(3 / VGG_STEPS))
     assert third.returncode == 0, third.stdout + third.stderr
