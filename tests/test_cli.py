@@ -44,6 +44,7 @@ def test_one_shared_logger_and_instruments_block_feeds_every_config(tmp_path):
             assert (ics.class_path, ics.init_args.every) == ("bnstudy.instruments.ICS", 7), config
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("config", CONFIGS)
 def test_config_instantiates_with_paper_settings(config, in_tmp):
     cli = cli_main(["--config", str(REPO / "configs" / config)], run=False)
@@ -65,6 +66,7 @@ def test_config_instantiates_with_paper_settings(config, in_tmp):
         assert cli.datamodule.num_samples == 1000
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("config", CONFIGS)
 def test_config_trains_a_tiny_version(config, in_tmp, tiny_cifar, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "disabled")
@@ -76,6 +78,7 @@ def test_config_trains_a_tiny_version(config, in_tmp, tiny_cifar, monkeypatch):
     assert (run_dir / "config.yaml").exists() and (run_dir / "checkpoints" / "last.ckpt").exists()
 
 
+@pytest.mark.slow
 def test_configs_compose_and_dotted_overrides_win(in_tmp, capsys):
     extra = in_tmp / "fast.yaml"
     extra.write_text("model:\n  init_args:\n    lr: 0.5\ntrainer:\n  max_steps: 7\n")
@@ -90,6 +93,7 @@ def test_configs_compose_and_dotted_overrides_win(in_tmp, capsys):
     assert printed["trainer"]["max_steps"] == 7 and printed["seed_everything"] == 123
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arg, message", [
     ("--model.lrr=0.5", "unknown key model.lrr"),
     ("--trainer.max_stepz=3", "unknown key trainer.max_stepz"),
@@ -108,6 +112,7 @@ def test_bad_keys_and_values_fail_with_one_line(arg, message, in_tmp):
     assert "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow
 def test_run_directories_never_collide(in_tmp, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "disabled")
     dirs = []
@@ -118,6 +123,7 @@ def test_run_directories_never_collide(in_tmp, monkeypatch):
     assert all((d / "config.yaml").exists() and (d / "metrics.csv").exists() for d in dirs)
 
 
+@pytest.mark.slow
 def test_wandb_offline_run_has_config_and_metrics(in_tmp):
     run_dir = in_tmp / "run"
     proc = subprocess.run([sys.executable, "-m", "bnstudy", "fit", *tiny_args("quickstart.yaml"),
@@ -135,6 +141,7 @@ def test_wandb_offline_run_has_config_and_metrics(in_tmp):
     assert [row["train/loss"] for row in logged] == pytest.approx(csv_losses)  # same numbers
 
 
+@pytest.mark.slow
 def test_resume_from_last_checkpoint_matches_uninterrupted_run(in_tmp, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "disabled")
     base = ["--config", str(REPO / "configs" / "quickstart.yaml"), *TINY_VGG,
@@ -159,6 +166,7 @@ def test_resume_from_last_checkpoint_matches_uninterrupted_run(in_tmp, monkeypat
     assert {r["step"] for r in whole_rows} <= {r["step"] for r in part_rows}
 
 
+@pytest.mark.slow
 def test_rerunning_a_run_directory_resumes_it(in_tmp, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "disabled")
     cli_main(["fit", *tiny_args("dln_bn.yaml"), "--run_dir=again"])

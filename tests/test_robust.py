@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 import yaml
 
@@ -19,6 +20,7 @@ from tiny_fits import ENV, TINY, bnstudy, fit, one_error_line, rows
 
 # -- the CLI explains itself ------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_help_lists_every_subcommand_without_importing_torch():
     code = ("import sys, io, contextlib\nfrom bnstudy.cli import main, available\n"
             "out = io.StringIO()\nwith contextlib.redirect_stdout(out): rc = main(['--help'])\n"
@@ -38,6 +40,7 @@ def test_help_lists_every_subcommand_without_importing_torch():
     assert unknown.returncode == 2 and "unknown subcommand 'fitt'" in unknown.stderr
 
 
+@pytest.mark.slow
 def test_fit_help_leads_with_the_configs_model_and_data_options():
     proc = bnstudy("fit", "--config", "configs/quickstart.yaml", "--help")
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -64,6 +67,7 @@ lock = RunLock(sys.argv[1]); lock.acquire(); print("locked", flush=True); time.s
 """
 
 
+@pytest.mark.slow
 def test_lock_refuses_a_second_process_and_a_dead_holders_lock_is_taken_over(quiet):
     run_dir = quiet / "locked"
     run_dir.mkdir()
@@ -92,6 +96,7 @@ def run_files(run_dir):
             if p.is_file() and not (p.parent.name == "logs" and "wandb" in p.parts)}
 
 
+@pytest.mark.slow
 def test_resume_with_another_config_is_refused_before_anything_is_written(quiet, capsys):
     run_dir = quiet / "run"
     fit(run_dir, steps=3)
@@ -110,6 +115,7 @@ def test_resume_with_another_config_is_refused_before_anything_is_written(quiet,
     assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 5
 
 
+@pytest.mark.slow
 def test_a_randomly_seeded_run_resumes_with_its_own_seed(quiet):
     """seed_everything: true draws a seed; a resume (a Slurm requeue too) keeps that seed instead
     of drawing another, which the config check would refuse."""
@@ -143,6 +149,7 @@ def _checkpoint_of(run_dir: Path, *extra: str) -> Path:
     return run_dir / "checkpoints" / "last.ckpt"
 
 
+@pytest.mark.slow
 def test_bad_checkpoints_are_one_line_and_leave_nothing_behind(quiet, capsys, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")  # a W&B run would leave files in the run dir
     good = _checkpoint_of(quiet / "good")
@@ -173,6 +180,7 @@ def test_bad_checkpoints_are_one_line_and_leave_nothing_behind(quiet, capsys, mo
             assert not run_dir.exists(), (sub, path)  # no directory, no W&B run
 
 
+@pytest.mark.slow
 def test_data_root_without_data_and_unwritable_run_dir(quiet, capsys, tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -213,6 +221,7 @@ def _pattern(doc: str) -> re.Pattern:
     return re.compile(regex + "$")
 
 
+@pytest.mark.slow
 def test_metrics_csv_one_row_per_step_and_columns_as_documented(quiet):
     run_dir = quiet / "run"
     fit(run_dir, steps=12)
@@ -237,6 +246,7 @@ def test_metrics_csv_one_row_per_step_and_columns_as_documented(quiet):
 
 # -- sweeps are checked before anything is submitted -----------------------------------------
 
+@pytest.mark.slow
 def test_grid_catches_a_parameter_the_cli_does_not_know(tmp_path, capsys, monkeypatch):
     sweep = tmp_path / "typo.yaml"
     sweep.write_text(yaml.safe_dump({

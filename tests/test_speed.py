@@ -37,6 +37,7 @@ def weights(run_dir) -> dict:
     return torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
 
 
+@pytest.mark.slow
 @needs_cxx
 def test_fast_preset_resumes_exactly_and_instruments_change_nothing(in_tmp, monkeypatch):
     """configs/fast.yaml on the quickstart (bf16-mixed, channels_last, compiled, data held on the
@@ -74,6 +75,7 @@ def test_fast_preset_resumes_exactly_and_instruments_change_nothing(in_tmp, monk
 RTOL, ATOL = 1e-4, 1e-6
 
 
+@pytest.mark.slow
 @needs_cxx
 def test_fast_path_probes_agree_with_the_eager_path(in_tmp, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "disabled")

@@ -9,6 +9,7 @@ from bnstudy.cli import cli_main, main
 from tiny_fits import tiny_args
 
 
+@pytest.mark.slow
 def test_plot_compares_runs_labelled_by_what_differs(in_tmp, monkeypatch, capsys):
     monkeypatch.setenv("WANDB_MODE", "disabled")
     runs = []

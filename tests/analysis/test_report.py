@@ -92,6 +92,7 @@ def report(run_root, tmp_path_factory) -> dict:
     return {"out": out, "stdout": stdout.getvalue(), "index": (out / "index.html").read_text()}
 
 
+@pytest.mark.slow
 def test_every_figure_with_runs_is_drawn_and_listed(report):
     out, index = report["out"], report["index"]
     assert {p.stem for p in out.glob("*.png")} == DRAWN
@@ -102,6 +103,7 @@ def test_every_figure_with_runs_is_drawn_and_listed(report):
     assert {s.name for s in FIGURES} >= DRAWN | set(SKIPPED)
 
 
+@pytest.mark.slow
 def test_figures_take_the_runs_their_predicates_name(run_root):
     runs = {r.id: r for r in load_runs([run_root])}
     fed = {spec.name: sorted(r.id for r in spec.runs(list(runs.values()))) for spec in FIGURES}
@@ -114,6 +116,7 @@ def test_figures_take_the_runs_their_predicates_name(run_root):
     assert fed["q_seeds"] == ["vgg/batch-0.1", "vgg/batch-0.1-seed1"]
 
 
+@pytest.mark.slow
 def test_skipped_figures_name_the_runs_that_feed_them(report):
     lines = [line for line in report["stdout"].splitlines() if line.startswith("skipped")]
     assert len(lines) == len(SKIPPED)
@@ -132,6 +135,7 @@ def table(index: str, after: str) -> list[list[str]]:
             for row in body.split("<tr>")[1:]]
 
 
+@pytest.mark.slow
 def test_runs_table_shows_the_keys_that_differ(report):
     rows = table(report["index"], "<h2>Runs</h2>")
     header, body = rows[0], {r[0]: dict(zip(rows[0], r)) for r in rows[1:]}
@@ -146,6 +150,7 @@ def test_runs_table_shows_the_keys_that_differ(report):
     assert 0 <= float(body["vgg/batch-0.1"]["final test acc"]) <= 1
 
 
+@pytest.mark.slow
 def test_claims_are_computed_from_the_runs(report, run_root):
     rows = table(report["index"], "<h2>Claims</h2>")
     assert [r[0] for r in rows[1:]] == ["1", "2", "3", "4", "5"]
@@ -186,6 +191,7 @@ def accuracy(final: float, curve: list[float]) -> dict[str, list[float]]:
     return {"train/loss": [2.0] * len(curve), "train/acc": curve, "val/acc": [final]}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("bn_smoother", [True, False])
 def test_claim4_verdict_follows_the_data(run_root, tmp_path, bn_smoother):
     config = yaml.safe_load((run_root / "vgg" / "none-0.1" / "config.yaml").read_text())
@@ -196,6 +202,7 @@ def test_claim4_verdict_follows_the_data(run_root, tmp_path, bn_smoother):
     assert "ratio 0.1" in claim.numbers[0] if bn_smoother else "ratio 3" in claim.numbers[0]
 
 
+@pytest.mark.slow
 def test_claim1_says_not_shown_when_bn_trains_slower(run_root, tmp_path, capsys):
     config = yaml.safe_load((run_root / "vgg" / "none-0.1" / "config.yaml").read_text())
     write_run(tmp_path / "runs" / "none", config, "none", accuracy(0.9, [0.1, 0.6, 0.9]))
@@ -211,6 +218,7 @@ def test_claim1_says_not_shown_when_bn_trains_slower(run_root, tmp_path, capsys)
     assert claims.claim1(load_runs([tmp_path / "runs"])).verdict == claims.SHOWN
 
 
+@pytest.mark.slow
 def test_wandb_report_run_in_offline_files(report):
     run_file = wandb_records.run_file(report["out"])
     records = wandb_records.read_records(run_file)
@@ -242,6 +250,7 @@ def test_a_path_without_runs_is_one_error_line(tmp_path, capsys):
                   f"{tmp_path / 'nothing*'}"
 
 
+@pytest.mark.slow
 def test_sweep_figures_from_optimizer_and_init_grids(run_root, tmp_path, capsys):
     """The open-question figures (their grids are too big to fit here): runs written by hand."""
     config = yaml.safe_load((run_root / "vgg" / "none-0.1" / "config.yaml").read_text())
@@ -267,6 +276,7 @@ def test_sweep_figures_from_optimizer_and_init_grids(run_root, tmp_path, capsys)
         assert (out / f"{name}.png").stat().st_size > 10_000
 
 
+@pytest.mark.slow
 def test_a_wandb_history_reads_as_the_run_directory(run_root):
     """--wandb builds runs from W&B's config and history rows: the same rows in a real fit's
     offline W&B file give the run that its config.yaml and metrics.csv give."""

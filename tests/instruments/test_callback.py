@@ -97,6 +97,7 @@ def test_gradient_accumulation_is_rejected():
         trainer(2, [Instruments([ICS()])], accumulate_grad_batches=2).fit(vgg_module(), images())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("config", ["vgg_noisy_bn.yaml", "dln_bn.yaml"])
 def test_paper_configs_carry_the_instruments(config, in_tmp):
     from bnstudy.cli import cli_main

@@ -165,6 +165,7 @@ def whole_and_resumed(base: list[str], steps: int, stop: int) -> tuple[dict, dic
                  for run_dir in ("whole", "parts"))
 
 
+@pytest.mark.slow
 def test_a_resumed_run_measures_lambda_max_as_one_never_stopped(in_tmp, monkeypatch):
     """The warm start travels in the checkpoint: after a resume, curv/lambda_max and the products
     it took are those of the uninterrupted run, to the bit (a cold start costs more products and
@@ -181,6 +182,7 @@ def test_a_resumed_run_measures_lambda_max_as_one_never_stopped(in_tmp, monkeypa
         read_metrics(in_tmp / "parts"), "train/loss")
 
 
+@pytest.mark.slow
 def test_a_resumed_run_keeps_the_fixed_batch(in_tmp, monkeypatch):
     """Curvature(fixed_batch=True) on minibatches: the first step's batch travels in the
     checkpoint, so the measurement after a resume is on that batch and equals the uninterrupted

@@ -136,6 +136,7 @@ def assert_close(a, b, rel):
         assert a == b
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(DEADLINE_S + 30)
 def test_probes_agree_across_ranks_and_with_one_process(tmp_path):
     ctx = mp.start_processes(worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=False,

@@ -14,6 +14,7 @@ from bnstudy.study.findings import matched, tables
 from conftest import REPO
 
 
+@pytest.mark.slow
 def test_findings_driver_with_a_tiny_budget(tmp_path):
     out = tmp_path / "findings"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
@@ -62,6 +63,7 @@ def test_matched_accuracy_picks_the_first_measurement_at_the_level():
     assert matched(run, 0.99)["step"] is None
 
 
+@pytest.mark.slow
 def test_vgg_parts_run_on_the_cifar_shaped_digits_when_asked():
     """--vgg-image-size 32: the VGG parts train on 3x32x32 digits (all five pools run), and the
     probes measure there."""

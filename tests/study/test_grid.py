@@ -61,6 +61,7 @@ def test_every_figure_and_open_question_has_a_sweep():
     assert REQUIRED <= {p.stem for p in SWEEPS}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", SWEEPS, ids=lambda p: p.stem)
 def test_sweep_is_valid_and_expands_to_its_full_grid(path):
     sweep = load(path)
@@ -117,6 +118,7 @@ def covering_runs(runs: list[dict]) -> list[dict]:
 PARSE_EVERY_RUN_UP_TO = 24
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", SWEEPS, ids=lambda p: p.stem)
 def test_every_agent_command_parses_and_sets_the_swept_values(path, parser):
     sweep = load(path)
