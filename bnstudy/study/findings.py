@@ -118,8 +118,8 @@ def fit(model: str, steps: int, every: int, seed: int = 0, thm: bool = False,
         for k, v in m.items():
             if not k.startswith("time/"):
                 metrics.setdefault(k, []).append((s, v))
-    run = Run(id=f"{model} {model_kw}", config={"model": model, "steps": steps, "seed": seed,
-                                                 **model_kw}, metrics=metrics,
+    run = Run(id=model, config={"model": model, "steps": steps, "seed": seed, **model_kw},
+              metrics=metrics,
               summary={"seconds": time.perf_counter() - started, "input_shape": rec.input_shape})
     if model == "vgg":
         data.setup()

@@ -23,6 +23,12 @@ from bnstudy.models import VGG, DeepLinear, init_weights
 from bnstudy.modules import DLNModule, VGGModule
 from bnstudy.norms import BatchNoise, resample_noise
 
+# Lightning's warnings about tiny fits without workers or validation: every fit test's pytestmark
+LIGHTNING_NOISE = [pytest.mark.filterwarnings("ignore:.*does not have many workers"),
+                   pytest.mark.filterwarnings("ignore:You defined a `validation_step`"),
+                   pytest.mark.filterwarnings("ignore:.*LeafSpec"),
+                   pytest.mark.filterwarnings("ignore:.*srun")]
+
 
 # ---- plain models at a trained step (the paper's two networks, tiny) -------------------------
 def vgg(norm: str) -> tuple:

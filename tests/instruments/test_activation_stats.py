@@ -12,12 +12,9 @@ from torch import nn
 from bnstudy import probes
 from bnstudy.instruments import ActivationStats, Instruments, Landscape
 from bnstudy.norms import BatchNoise
-from cases import CASES, images, trainer, vgg_module
+from cases import CASES, LIGHTNING_NOISE, images, trainer, vgg_module
 
-pytestmark = [pytest.mark.filterwarnings("ignore:.*does not have many workers"),
-              pytest.mark.filterwarnings("ignore:You defined a `validation_step`"),
-              pytest.mark.filterwarnings("ignore:.*LeafSpec"),
-              pytest.mark.filterwarnings("ignore:.*srun")]
+pytestmark = LIGHTNING_NOISE
 
 
 def test_activations_are_what_the_nonlinearity_receives():

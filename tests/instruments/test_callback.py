@@ -12,14 +12,11 @@ from lightning.pytorch.loggers import CSVLogger
 from bnstudy import probes
 from bnstudy.instruments import (ICS, ActivationStats, Curvature, Instruments, Landscape,
                                  RandomLandscape)
-from cases import (Recorder, every_step_probes, example_input, images, read_csv, same_state,
-                   trainer, vgg_module)
+from cases import (LIGHTNING_NOISE, Recorder, every_step_probes, example_input, images, read_csv,
+                   same_state, trainer, vgg_module)
 from conftest import REPO
 
-pytestmark = [pytest.mark.filterwarnings("ignore:.*does not have many workers"),
-              pytest.mark.filterwarnings("ignore:You defined a `validation_step`"),
-              pytest.mark.filterwarnings("ignore:.*LeafSpec"),
-              pytest.mark.filterwarnings("ignore:.*srun")]
+pytestmark = LIGHTNING_NOISE
 
 
 @pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])

@@ -14,12 +14,9 @@ from torch.utils.data import DataLoader, TensorDataset
 from bnstudy import probes
 from bnstudy.instruments import BNGradientBound, Curvature, Instruments, Landscape
 from bnstudy.modules import DLNModule
-from cases import TWINS, Recorder, same_state, trainer
+from cases import LIGHTNING_NOISE, TWINS, Recorder, same_state, trainer
 
-pytestmark = [pytest.mark.filterwarnings("ignore:.*does not have many workers"),
-              pytest.mark.filterwarnings("ignore:You defined a `validation_step`"),
-              pytest.mark.filterwarnings("ignore:.*LeafSpec"),
-              pytest.mark.filterwarnings("ignore:.*srun")]
+pytestmark = LIGHTNING_NOISE
 
 
 def quadratic(spectrum, diagonal: bool = False):

@@ -14,12 +14,9 @@ from torch.utils.data import DataLoader, TensorDataset
 from bnstudy import probes
 from bnstudy.instruments import ICS, Instruments, Landscape
 from bnstudy.modules import DLNModule
-from cases import trainer
+from cases import LIGHTNING_NOISE, trainer
 
-pytestmark = [pytest.mark.filterwarnings("ignore:.*does not have many workers"),
-              pytest.mark.filterwarnings("ignore:You defined a `validation_step`"),
-              pytest.mark.filterwarnings("ignore:.*LeafSpec"),
-              pytest.mark.filterwarnings("ignore:.*srun")]
+pytestmark = LIGHTNING_NOISE
 
 
 def quadratic(eigenvector: bool):

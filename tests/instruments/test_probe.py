@@ -8,12 +8,9 @@ import torch
 from bnstudy import probes
 from bnstudy.instruments import ICS, ActivationStats, Instruments, Probe
 from bnstudy.models import DeepLinear
-from cases import dln_data, dln_module, fit_keys, images, vgg_module
+from cases import LIGHTNING_NOISE, dln_data, dln_module, fit_keys, images, vgg_module
 
-pytestmark = [pytest.mark.filterwarnings("ignore:.*does not have many workers"),
-              pytest.mark.filterwarnings("ignore:You defined a `validation_step`"),
-              pytest.mark.filterwarnings("ignore:.*LeafSpec"),
-              pytest.mark.filterwarnings("ignore:.*srun")]
+pytestmark = LIGHTNING_NOISE
 
 
 @pytest.mark.parametrize("model", ["vgg", "dln"])
