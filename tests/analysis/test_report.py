@@ -284,7 +284,7 @@ def test_a_wandb_history_reads_as_the_run_directory(run_root):
     from_wandb = run_from_history(WANDB_RUN, wandb_records.config(run_dir),
                                   wandb_records.history(run_dir))
     from_dir = load_runs([run_dir])[0]
-    assert from_wandb.settings == from_dir.settings and from_wandb.kind == "dln"
+    assert from_wandb.settings == from_dir.settings and from_wandb.model == "dln"
     assert from_wandb.metrics == from_dir.metrics
     assert {"train/loss", "ics/l2/layer09", "landscape/beta_eff", "act/layer11/q50"} \
         <= set(from_wandb.metrics)
