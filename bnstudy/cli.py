@@ -12,21 +12,22 @@ import os
 import re
 import sys
 
-# name: (module whose main(argv) runs it, one-line help). A subcommand is offered only when its
-# module is there, so this table may name subcommands that other branches add.
+# name: (module whose main(argv) runs it, or "module:function", one-line help). A subcommand is
+# offered only when its module is there, so this table may name subcommands that other branches
+# add.
 SUBCOMMANDS = {
     "fit": ("bnstudy.lightning_cli", "train a model; rerunning in its --run_dir resumes it"),
     "validate": ("bnstudy.lightning_cli", "evaluate a model or checkpoint on the validation split"),
     "test": ("bnstudy.lightning_cli", "evaluate a model or checkpoint on the test split"),
-    "plot": ("bnstudy.plot", "plot metrics of runs side by side"),
-    "grid": ("bnstudy.grid", "expand a W&B grid sweep into one checked command per run"),
-    "report": ("bnstudy.report", "rebuild the paper's figures and claims from runs"),
-    "reproduce": ("bnstudy.reproduce", "run the mini reproduction"),
-    "findings": ("bnstudy.findings", "answer the open questions at mini scale"),
-    "spectrum": ("bnstudy.spectrum_command", "the Hessian's eigenvalue density over a run's "
-                 "checkpoints"),
-    "surface": ("bnstudy.surface_command", "the loss surface around a run's checkpoints, with "
-                "its trajectory"),
+    "plot": ("bnstudy.analysis.plot", "plot metrics of runs side by side"),
+    "grid": ("bnstudy.study.grid", "expand a W&B grid sweep into one checked command per run"),
+    "report": ("bnstudy.analysis.report", "rebuild the paper's figures and claims from runs"),
+    "reproduce": ("bnstudy.study.reproduce", "run the mini reproduction"),
+    "findings": ("bnstudy.study.findings", "answer the open questions at mini scale"),
+    "spectrum": ("bnstudy.analysis.landscape_commands:spectrum_main",
+                 "the Hessian's eigenvalue density over a run's checkpoints"),
+    "surface": ("bnstudy.analysis.landscape_commands:surface_main",
+                "the loss surface around a run's checkpoints, with its trajectory"),
 }
 LIGHTNING = ("fit", "validate", "test")
 PROG = "bnstudy"
@@ -46,7 +47,7 @@ def available() -> dict[str, str]:
     out = {}
     for name, (module, help_line) in SUBCOMMANDS.items():
         try:
-            found = importlib.util.find_spec(module) is not None
+            found = importlib.util.find_spec(module.split(":")[0]) is not None
         except (ImportError, ValueError):
             found = False
         if found:
@@ -85,14 +86,15 @@ def main(argv: list[str] | None = None) -> int:
               f"(`{PROG} --help` lists them)", file=sys.stderr)
         return 2
     if name not in LIGHTNING:
-        return importlib.import_module(SUBCOMMANDS[name][0]).main(argv[1:])
+        module, _, function = SUBCOMMANDS[name][0].partition(":")
+        return getattr(importlib.import_module(module), function or "main")(argv[1:])
     return run_lightning(args, argv)
 
 
 def run_lightning(args: list[str] | None, argv: list[str]) -> int:
     from jsonargparse import ArgumentError
 
-    from bnstudy.callbacks import Interrupted
+    from bnstudy.callbacks import FitSummary, Interrupted
     from bnstudy.data import DataNotFoundError
     from bnstudy.lightning_cli import cli_main
     from bnstudy.rundir import UsageError
@@ -104,7 +106,7 @@ def run_lightning(args: list[str] | None, argv: list[str]) -> int:
 
         print_config_options(argv)  # the chosen config's model and data options, first
     try:
-        cli_main(args)
+        cli = cli_main(args)
     except Interrupted as stop:
         print(f"{PROG}: {stop}; rerun the same command to resume", file=sys.stderr)
         return 128 + stop.signum
@@ -123,6 +125,9 @@ def run_lightning(args: list[str] | None, argv: list[str]) -> int:
             raise
         print(f"{PROG}: error: {summarize_config_error(str(err))}", file=sys.stderr)
         return 2
+    for callback in getattr(cli.trainer, "callbacks", []) if hasattr(cli, "trainer") else []:
+        if isinstance(callback, FitSummary):
+            callback.print_lines()  # the run directory, what is in it, the next command
     return 0
 
 
