@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bnstudy.runs import Run, load_runs
+from bnstudy.analysis.runs import Run, load_runs
 
 OUT_DIR = "landscape"  # inside each run directory, and the default --out
 
@@ -178,11 +178,11 @@ def progress_bar(description: str, total: int):
 
 
 def save_figure(fig, path: Path) -> Path:
-    from bnstudy.report import _plt
+    from bnstudy.analysis.drawing import pyplot
 
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
-    _plt().close(fig)
+    pyplot().close(fig)
     return path
 
 
@@ -190,28 +190,18 @@ def log_to_wandb(figures: dict[str, Path], job_type: str, runs: list[LoadedRun],
                  tables: dict[str, tuple[list[str], list[list]]] | None = None) -> Path | None:
     """The figures (and tables) in one W&B run of `job_type` in the runs' project, when a W&B mode
     is active (as the report logs); returns its local directory."""
-    from bnstudy.report import wandb_active
+    from bnstudy.analysis.wandb_report import wandb_active, wandb_run
 
     if not wandb_active() or not figures:
         return None
     import wandb
 
-    projects = [r.run.wandb_project for r in runs]
-    entity, project = max(set(projects), key=projects.count)
-    out.mkdir(parents=True, exist_ok=True)
-    mode = os.environ.get("WANDB_MODE", "").lower()
-    run = wandb.init(project=project or "bnstudy", entity=entity, job_type=job_type,
-                     dir=str(out.resolve()), name=f"{job_type}-{out.name}",
-                     mode=mode if mode in ("online", "offline") else None,
-                     config={"runs": [r.run.id for r in runs]}, reinit="create_new")
-    try:
+    with wandb_run(job_type, out, [r.run for r in runs], {"runs": [r.run.id for r in runs]}) as run:
         data = {f"{job_type}/{name}": wandb.Image(str(path)) for name, path in figures.items()}
         for name, (columns, rows) in (tables or {}).items():
             data[f"{job_type}/{name}"] = wandb.Table(columns=columns, data=rows)
         run.log(data)
         return Path(run.dir).parent
-    finally:
-        run.finish()
 
 
 def parse_params(values: list[str] | None) -> list[str | int] | None:
@@ -255,7 +245,7 @@ SUMMARY = ("lambda_max", "lambda_min", "trace", "trace_se", "neg_mass", "neg_mas
 
 def spectrum_parser() -> argparse.ArgumentParser:
     parser = command_parser("spectrum", "the Hessian's eigenvalue density (stochastic Lanczos "
-                            "quadrature, bnstudy.spectrum.hessian_density) at every checkpoint "
+                            "quadrature, bnstudy.instruments.hessian_density) at every checkpoint "
                             "of each run.")
     parser.add_argument("--steps", type=int, nargs="+", default=None,
                         help="checkpoints to measure, by step (default: all)")
@@ -273,8 +263,7 @@ def spectrum_parser() -> argparse.ArgumentParser:
 
 
 def measure_spectrum(run: LoadedRun, steps: list[int], args, advance) -> dict:
-    from bnstudy import probes
-    from bnstudy.spectrum import hessian_density
+    from bnstudy.instruments import hessian_density, hessian_eigs, layer_names
 
     rows: dict[str, list] = {}
     for step in steps:
@@ -287,8 +276,8 @@ def measure_spectrum(run: LoadedRun, steps: list[int], args, advance) -> dict:
         if args.tol:  # products not spent count as done
             advance(args.n_v * args.m - result["hvps"])
         if args.per_layer:
-            layers = probes.layer_names(net, run.inputs)
-            result["layer_lambda_max"] = np.array([probes.hessian_eigs(
+            layers = layer_names(net, run.inputs)
+            result["layer_lambda_max"] = np.array([hessian_eigs(
                 net, run.loss_fn, run.inputs, run.targets, params=[i + 1], seed=args.seed,
             )["eigenvalues"][0] for i in range(len(layers))])
         for key in ("grid", "density", "density_se", "nodes", "weights", "moments",
@@ -309,7 +298,7 @@ def measure_spectrum(run: LoadedRun, steps: list[int], args, advance) -> dict:
 
 
 def spectrum_body(args) -> None:
-    from bnstudy.landscape_figures import spectrum_figure, spectrum_over_training
+    from bnstudy.analysis.figures import spectrum_figure, spectrum_over_training
 
     runs, _ = start(args)
     steps = {id(r): chosen_steps(r, args.steps) for r in runs}
@@ -348,7 +337,7 @@ DIRECTIONS = ("auto", "random", "pca", "hessian")
 
 def surface_parser() -> argparse.ArgumentParser:
     parser = command_parser("surface", "the loss on a grid around a checkpoint of each run "
-                            "(bnstudy.surface.loss_surface), with the run's trajectory (its "
+                            "(bnstudy.instruments.loss_surface), with the run's trajectory (its "
                             "checkpoints) projected onto the plane.")
     parser.add_argument("--grid", type=int, default=41, help="points per axis (default 41)")
     parser.add_argument("--span", type=float, default=None,
@@ -394,17 +383,16 @@ def parse_part(text: str | None) -> tuple[int, int] | None:
 
 def directions_for(run: LoadedRun, step: int, kind: str, args) -> tuple[list[dict], dict]:
     """The grid's two directions at the checkpoint `step`, and what to save about them."""
-    from bnstudy import probes
-    from bnstudy.surface import filter_normalized_direction, pca_directions
+    from bnstudy.instruments import filter_normalized_direction, hessian_eigs, pca_directions
+    from bnstudy.instruments.vectors import total_norm
 
     net = run.at(step)
     if kind == "random":
         return [filter_normalized_direction(net, args.seed + i, norm=args.norm,
                                             bias_bn=args.bias_bn) for i in range(2)], {}
     if kind == "hessian":
-        eigs = probes.hessian_eigs(net, run.loss_fn, run.inputs, run.targets, k=2,
-                                   seed=args.seed)
-        scale = probes._norm([p.detach() for p in net.parameters() if p.requires_grad])
+        eigs = hessian_eigs(net, run.loss_fn, run.inputs, run.targets, k=2, seed=args.seed)
+        scale = total_norm([p.detach() for p in net.parameters() if p.requires_grad])
         vectors = [{n: t * scale for n, t in v.items()} for v in eigs["vectors"]]
         return vectors, {"eigenvalues": np.array(eigs["eigenvalues"])}
     center = run.parameters_at(step)
@@ -426,7 +414,7 @@ def surface_files(folder: Path, step: int, part: tuple[int, int] | None) -> Path
 
 
 def measure_surface(run: LoadedRun, step: int, args, part, advance) -> dict:
-    from bnstudy.surface import loss_surface, project
+    from bnstudy.instruments import loss_surface, project
 
     kind = args.directions
     if kind == "auto":
@@ -454,13 +442,13 @@ def measure_surface(run: LoadedRun, step: int, args, part, advance) -> dict:
 
 
 def merge_parts(folder: Path, step: int) -> dict:
-    from bnstudy.landscape_figures import load
-    from bnstudy.surface import merge_surfaces
+    from bnstudy.analysis.figures import load_npz
+    from bnstudy.instruments import merge_surfaces
 
     files = sorted(folder.glob(f"surface-step{step}.part*of*.npz"))
     if not files:
         raise ValueError(f"{folder}: no parts surface-step{step}.part*of*.npz to merge")
-    parts = [load(f) for f in files]
+    parts = [load_npz(f) for f in files]
     counts = {int(p["part"][1]) for p in parts}
     if len(counts) != 1:
         raise ValueError(f"{folder}: parts of different splits {sorted(counts)} for step {step}")
@@ -476,8 +464,8 @@ def merge_parts(folder: Path, step: int) -> dict:
 
 
 def line_body(runs: list[LoadedRun], args) -> None:
-    from bnstudy.landscape_figures import line_figure
-    from bnstudy.surface import interpolate
+    from bnstudy.analysis.figures import line_figure
+    from bnstudy.instruments import interpolate
 
     a, b = args.line
     figures, entries = {}, []
@@ -504,7 +492,7 @@ def line_body(runs: list[LoadedRun], args) -> None:
 
 
 def surface_body(args) -> None:
-    from bnstudy.landscape_figures import load, surface_figure
+    from bnstudy.analysis.figures import load_npz, surface_figure
 
     part = parse_part(args.part)
     if part and args.merge:
@@ -540,7 +528,7 @@ def surface_body(args) -> None:
                 figures[f"{r.run.path.name}/surface-step{step}"] = save_figure(
                     surface_figure([(label, r.run.norm, data)]), path.with_suffix(".png"))
             if not part:
-                entries.append((label, r.run.norm, load(path)))
+                entries.append((label, r.run.norm, load_npz(path)))
     if part:
         print(f"part {part[0]} of {part[1]} written; merge with --merge when all are done")
         return

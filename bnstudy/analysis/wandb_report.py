@@ -1,10 +1,11 @@
 """The report as one W&B run (job type report) in the runs' project: every figure, the runs table
-and the claims table."""
+and the claims table; `wandb_run`, the run itself, also for the spectrum and surface commands."""
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Iterator
 
 from bnstudy.analysis.html import format_cell
 
@@ -28,22 +29,35 @@ def has_wandb_key() -> bool:
     return netrc.exists() and "api.wandb.ai" in netrc.read_text(errors="ignore")
 
 
-def log_to_wandb(report: Report, runs: list[Run]) -> Path:
-    """One W&B run, job type report, in the runs' project: every figure and both tables."""
+@contextmanager
+def wandb_run(job_type: str, out: Path, runs: list[Run], config: dict) -> Iterator:
+    """One W&B run of `job_type` in the runs' project (the most common one), its files under
+    `out`, finished on leaving: the report's, and the spectrum and surface commands'."""
     import wandb
 
     projects = [r.wandb_project for r in runs]
     entity, project = max(set(projects), key=projects.count) if projects else (None, None)
-    report.out.mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
     # the mode is read now: wandb keeps the settings of the first run of a process, which may
     # have been a fit with W&B disabled
     mode = os.environ.get("WANDB_MODE", "").lower()
-    run = wandb.init(project=project or "bnstudy", entity=entity, job_type="report",
-                     dir=str(report.out.resolve()), name=f"report-{report.out.name}",
+    run = wandb.init(project=project or "bnstudy", entity=entity, job_type=job_type,
+                     dir=str(out.resolve()), name=f"{job_type}-{out.name}",
                      mode=mode if mode in ("online", "offline") else None,
-                     config={"runs": [r.id for r in runs], "figures": list(report.figures),
-                             "skipped": list(report.skipped)}, reinit="create_new")
+                     config=config, reinit="create_new")
     try:
+        yield run
+    finally:
+        run.finish()
+
+
+def log_to_wandb(report: Report, runs: list[Run]) -> Path:
+    """One W&B run, job type report, in the runs' project: every figure and both tables."""
+    import wandb
+
+    config = {"runs": [r.id for r in runs], "figures": list(report.figures),
+              "skipped": list(report.skipped)}
+    with wandb_run("report", report.out, runs, config) as run:
         columns, rows = report.table
         run.log({**{f"figures/{name}": wandb.Image(str(path))
                     for name, path in report.figures.items()},
@@ -56,5 +70,3 @@ def log_to_wandb(report: Report, runs: list[Run]) -> Path:
         for c in report.claims:
             run.summary[f"claim{c.number}"] = c.verdict
         return Path(run.dir).parent
-    finally:
-        run.finish()

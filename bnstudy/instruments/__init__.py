@@ -8,10 +8,14 @@ during training; one Lightning callback, `Instruments`, runs the probes on their
   activation_stats  activations, activation_modules, ActivationStats
   curvature         hessian_eigs, hessian_trace, hessian_dense (the twin), Curvature
   theorem41         bn_modules, bn_gradient_bound, BNGradientBound
+  spectrum          hessian_density (SLQ), hessian_density_dense (the twin), Spectrum
+  surface           loss_surface, loss_surface_bruteforce (the twin), interpolate, directions
+                    (filter_normalized_direction, pca_directions, project), merge_surfaces
 
 Shared machinery: state (`measuring`: the model left as found), trace (forward order, layer
-names and numbers), vectors, distributed (DDP averages), hvp (Hessian-vector products, Lanczos,
-power iteration), probe (Probe, Step, layer keys), callback (Instruments). The definitions are in
+names and numbers, parameter_names: the parameters a selection names), vectors, distributed
+(DDP averages), hvp (Hessian-vector products, Lanczos, power iteration), probe (Probe, Step,
+layer keys), callback (Instruments). The definitions are in
 docs/protocol.md section 3 and docs/instruments.md.
 """
 from bnstudy.instruments.activation_stats import ActivationStats, activation_modules, activations
@@ -21,16 +25,24 @@ from bnstudy.instruments.loss_landscape import (Landscape, RandomLandscape, land
                                                 landscape_bruteforce, random_direction,
                                                 random_landscape)
 from bnstudy.instruments.probe import Probe, Step, layer_key, layer_keys
+from bnstudy.instruments.spectrum import Spectrum, hessian_density, hessian_density_dense
 from bnstudy.instruments.state import measuring
+from bnstudy.instruments.surface import (filter_normalized_direction, interpolate, loss_surface,
+                                         loss_surface_bruteforce, merge_surfaces, pca_directions,
+                                         project)
 from bnstudy.instruments.theorem41 import BNGradientBound, bn_gradient_bound, bn_modules
-from bnstudy.instruments.trace import NORM_LIKE, WEIGHT_LAYERS, LossFn, layer_names, select_layers
+from bnstudy.instruments.trace import (NORM_LIKE, WEIGHT_LAYERS, LossFn, Params, layer_names,
+                                       parameter_names, select_layers)
 
 __all__ = ["Instruments", "Probe", "Step", "ICS", "Landscape", "RandomLandscape",
            "ActivationStats", "Curvature", "BNGradientBound", "layer_key", "layer_keys",
            "measuring", "layer_names", "select_layers", "ics", "ics_bruteforce", "landscape",
            "random_direction", "random_landscape", "landscape_bruteforce", "activation_modules",
            "activations", "hessian_eigs", "hessian_trace", "hessian_dense", "bn_modules",
-           "bn_gradient_bound", "WEIGHT_LAYERS", "NORM_LIKE", "LossFn"]
+           "bn_gradient_bound", "WEIGHT_LAYERS", "NORM_LIKE", "LossFn", "Params",
+           "parameter_names", "Spectrum", "hessian_density", "hessian_density_dense",
+           "loss_surface", "loss_surface_bruteforce", "interpolate", "filter_normalized_direction",
+           "pca_directions", "project", "merge_surfaces"]
 
 
 def __getattr__(name: str):

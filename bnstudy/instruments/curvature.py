@@ -117,13 +117,15 @@ def hessian_trace(
             "samples": samples, "hvps": hvp.count}
 
 
-def hessian_dense(model: nn.Module, loss_fn: LossFn, inputs: Tensor, targets: Tensor
-                  ) -> tuple[Tensor, list[str]]:
-    """The full Hessian in float64 over the flattened trainable parameters (in named_parameters
-    order), by torch.autograd.functional.hessian on a float64 deep copy in train mode through
-    torch.func.functional_call: the twin of hessian_eigs/hessian_trace for small models."""
+def hessian_dense(model: nn.Module, loss_fn: LossFn, inputs: Tensor, targets: Tensor, *,
+                  params: Params = None) -> tuple[Tensor, list[str]]:
+    """The full Hessian in float64 over the flattened trainable parameters (or the block of those
+    `params` selects, as in hessian_eigs; in named_parameters order), by
+    torch.autograd.functional.hessian on a float64 deep copy in train mode through
+    torch.func.functional_call: the twin of hessian_eigs/hessian_trace/hessian_density for small
+    models."""
+    names = parameter_names(model, inputs, params)
     twin = copy.deepcopy(model).double().train()
-    names = [n for n, p in twin.named_parameters() if p.requires_grad]
     shapes = [twin.get_parameter(n).shape for n in names]
     flat = torch.cat([twin.get_parameter(n).detach().reshape(-1) for n in names])
     buffers = {n: b.clone() for n, b in twin.named_buffers()}

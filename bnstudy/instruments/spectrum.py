@@ -1,5 +1,6 @@
 """The whole Hessian spectrum: its eigenvalue density by stochastic Lanczos quadrature (SLQ),
-measured on the loss the optimizer sees, and the `Spectrum` instrument that logs it in training.
+measured on the loss the optimizer sees (`hessian_density`), its twin from the dense float64
+Hessian (`hessian_density_dense`), and the `Spectrum` instrument that logs it in training.
 
 Definition. For the Hessian H (n x n) of the loss over the chosen parameters, at the model's
 parameters on the batch, in train mode (batch statistics), the spectral density is
@@ -34,9 +35,13 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from bnstudy.instruments import Probe, Step
-from bnstudy.probes import (LossFn, Params, _HVP, _random_vector, _sync_default, measuring,
-                            parameter_names)
+from bnstudy.instruments.curvature import hessian_dense
+from bnstudy.instruments.distributed import sync_default
+from bnstudy.instruments.hvp import HVP
+from bnstudy.instruments.probe import Probe, Step
+from bnstudy.instruments.state import measuring
+from bnstudy.instruments.trace import LossFn, Params, parameter_names
+from bnstudy.instruments.vectors import random_vector
 
 MOMENTS = 4  # tr(H^k) / n for k = 1..MOMENTS
 
@@ -140,7 +145,7 @@ def hessian_density(
 ) -> dict:
     """The Hessian's eigenvalue density by stochastic Lanczos quadrature (module docstring): `n_v`
     Rademacher vectors, up to `m` Lanczos steps each, over all trainable parameters or the block
-    `params` selects (layer numbers, parameter names, module paths: probes.parameter_names), in
+    `params` selects (layer numbers, parameter names, module paths: parameter_names), in
     train mode on this batch, the model left bit for bit as found, every product averaged over
     DDP processes (`sync`, as hessian_eigs).
 
@@ -163,7 +168,7 @@ def hessian_density(
         raise ValueError(f"width must be > 0; got {width}")
     if sigma is not None and sigma <= 0:
         raise ValueError(f"sigma must be > 0; got {sigma}")
-    sync = _sync_default(sync)
+    sync = sync_default(sync)
     gen = torch.Generator().manual_seed(seed)
     names = parameter_names(model, inputs, params)
 
@@ -176,7 +181,7 @@ def hessian_density(
     runs = []
     with measuring(model) as state:
         chosen = [state.params[n] for n in names]
-        hvp = _HVP(model, loss_fn, inputs, targets, chosen, sync)
+        hvp = HVP(model, loss_fn, inputs, targets, chosen, sync)
 
         def product(v: list[Tensor]) -> list[Tensor]:
             out = hvp(v)
@@ -185,7 +190,7 @@ def hessian_density(
             return out
 
         for _ in range(n_v):
-            start = _random_vector(chosen, gen, rademacher=True)
+            start = random_vector(chosen, gen, rademacher=True)
             runs.append(lanczos_tridiagonal(product, start, m, converged if tol else None))
         del hvp.grads  # free the double-backward graph before leaving
     return summarize(runs, sum(p.numel() for p in chosen), width=width, sigma=sigma, grid=grid,
@@ -251,6 +256,26 @@ def summarize(runs: list[tuple[list[float], list[float], bool]], n: int, *, widt
             "trace_se": float(n * moment_se[0]), "lambda_max": float(np.nanmax(nodes)),
             "lambda_min": float(np.nanmin(nodes)), "neg_mass": float(neg[0]),
             "neg_mass_se": float(neg_se[0]), "n": n, "n_v": len(runs)}
+
+
+def hessian_density_dense(model: nn.Module, loss_fn: LossFn, inputs: Tensor, targets: Tensor,
+                          grid: np.ndarray, sigma: float, *, params: Params = None,
+                          neg_tol: float = 1e-4) -> dict:
+    """The twin of hessian_density for small models, from the definition: the eigenvalues of the
+    dense float64 Hessian (`hessian_dense`, over the block `params` selects), their moments
+    tr(H^k) / n (k = 1..4), their histogram smoothed with N(0, sigma^2) on `grid` (pass the
+    estimate's grid and sigma to compare the two), trace, lambda_max, lambda_min and neg_mass."""
+    hess, _ = hessian_dense(model, loss_fn, inputs, targets, params=params)
+    eigenvalues = torch.linalg.eigvalsh(hess).numpy()
+    n = len(eigenvalues)
+    density = smoothed_density(eigenvalues[None], np.full((1, n), 1.0 / n), np.asarray(grid),
+                               sigma)[0]
+    top = float(np.abs(eigenvalues).max())
+    return {"eigenvalues": eigenvalues, "density": density, "n": n,
+            "moments": np.array([np.mean(eigenvalues ** k) for k in range(1, MOMENTS + 1)]),
+            "trace": float(eigenvalues.sum()), "lambda_max": float(eigenvalues[-1]),
+            "lambda_min": float(eigenvalues[0]),
+            "neg_mass": float(np.mean(eigenvalues < -neg_tol * top))}
 
 
 class Spectrum(Probe):

@@ -1,11 +1,12 @@
 """Loss surfaces: the loss on a 1-D or 2-D grid around the model's parameters W,
 L(W + a d1 + b d2), along filter-normalized random directions (Li et al. 2018, "Visualizing the
 loss landscape of neural nets"), the top Hessian eigenvectors, PCA directions of a trajectory, or
-the segment to another checkpoint (1-D interpolation).
+the segment to another checkpoint (1-D interpolation); `loss_surface_bruteforce` is its twin (a
+deep copy of the model per point).
 
 Measured on the loss the optimizer sees by default: train mode, BN with the batch's statistics,
 the step's noisy-BN noise (`mode="eval"`: running statistics, as loss-landscape and PyHessian
-evaluate). The model is left bit for bit as found (`probes.measuring`); every point is computed
+evaluate). The model is left bit for bit as found (`measuring`); every point is computed
 from W afresh (W + a d1 + b d2, never by accumulating steps), so a grid split into parts (Slurm
 array tasks: `part=(i, n)`; DDP ranks: `distribute=True`) and merged equals the unsplit grid
 exactly.
@@ -21,6 +22,7 @@ direction there is the parameter itself.
 """
 from __future__ import annotations
 
+import copy
 import math
 from typing import Callable, Mapping, Sequence
 
@@ -29,8 +31,10 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from bnstudy.probes import (LossFn, Params, _all_mean, _assign, _sync_default, _wide, measuring,
-                            parameter_names)
+from bnstudy.instruments.distributed import all_mean, sync_default
+from bnstudy.instruments.state import assign, measuring
+from bnstudy.instruments.trace import LossFn, Params, parameter_names
+from bnstudy.instruments.vectors import wide
 
 Direction = Mapping[str, Tensor]  # parameter name -> tensor shaped like it
 NORMS = ("filter", "layer", "none")
@@ -168,7 +172,7 @@ def loss_surface(
         raise ValueError(f"part must be (i, n) with 0 <= i < n; got {part}")
     if distribute and part is not None:
         raise ValueError("give part (Slurm tasks) or distribute (DDP ranks), not both")
-    sync = _sync_default(sync)
+    sync = sync_default(sync)
     if directions is None:
         names = parameter_names(model, inputs, params)
         directions = [filter_normalized_direction(model, seed + i, norm=norm, bias_bn=bias_bn,
@@ -201,10 +205,10 @@ def loss_surface(
                 values = [w.clone() for w in base]
                 for c, d in zip(cs, steps):
                     torch._foreach_add_(values, d, alpha=c)
-                _assign(params, values)
-                value = _wide(loss_fn(model(inputs), targets).detach()).reshape(1)
+                assign(params, values)
+                value = wide(loss_fn(model(inputs), targets).detach()).reshape(1)
                 if sync and not distribute:
-                    value = _all_mean([value])[0]
+                    value = all_mean([value])[0]
                 loss.flat[k], done.flat[k] = float(value), True
                 if progress is not None:
                     progress(1)
@@ -212,6 +216,24 @@ def loss_surface(
         loss, done = _gather_parts(loss, done)
     return {"coords": coords, "loss": loss, "done": done, "mode": mode,
             "part": part or (0, 1), "evaluations": len(points)}
+
+
+def loss_surface_bruteforce(model: nn.Module, loss_fn: LossFn, inputs: Tensor, targets: Tensor,
+                            directions: Sequence[Direction], coords: Sequence[Sequence[float]],
+                            mode: str = "train") -> np.ndarray:
+    """The twin of loss_surface, from the definition: a deep copy of the model per grid point, its
+    parameters set to W + sum_i c_i d_i, one forward in `mode`."""
+    coords = [np.asarray(c, dtype=float) for c in coords]
+    out = np.zeros(tuple(len(c) for c in coords))
+    for index in np.ndindex(*out.shape):
+        twin = copy.deepcopy(model).train(mode == "train")
+        with torch.no_grad():
+            for name, p in twin.named_parameters():
+                if name in directions[0]:
+                    p.add_(sum(float(c[i]) * d[name] for c, i, d in zip(coords, index,
+                                                                        directions)))
+            out[index] = float(loss_fn(twin(inputs), targets))
+    return out
 
 
 def _gather_parts(loss: np.ndarray, done: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

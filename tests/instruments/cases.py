@@ -1,16 +1,20 @@
 """The model cases the instrument tests share (not a test file): small VGGs and DLNs at a trained
-step, the tiny models whose dense Hessian is cheap, the Lightning fits of the callback tests, and
-the snapshot that checks a measurement left everything as it found it."""
+step, the tiny models whose dense Hessian is cheap, quadratics with a known Hessian, the Lightning
+fits of the callback tests, the snapshot that checks a measurement left everything as it found it,
+and spawned DDP processes."""
 from __future__ import annotations
 
 import copy
 import csv
 import random
+import socket
+import time
 
 import lightning as L
 import numpy as np
 import pytest
 import torch
+import torch.multiprocessing as mp
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
 from torch import nn
@@ -116,6 +120,29 @@ TWINS = {"mlp_bn": mlp_bn, "conv_bn": conv_bn, "dln": small_dln("none"),
          "dln_bn": small_dln("batch")}
 
 
+def quadratic(spectrum, diagonal: bool = False):
+    """loss(w) = 1/2 w^T H w in float64 with the given eigenvalues (a random rotation unless
+    `diagonal`): the Hessian is H everywhere. Returns model, loss_fn, x, y, H and the rotation."""
+    n = len(spectrum)
+    g = torch.Generator().manual_seed(3)
+    q = torch.eye(n, dtype=torch.float64) if diagonal else torch.linalg.qr(
+        torch.randn(n, n, generator=g, dtype=torch.float64))[0]
+    hess = q @ torch.diag(torch.tensor(spectrum, dtype=torch.float64)) @ q.T
+
+    class Point(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(n, generator=g, dtype=torch.float64))
+
+        def forward(self, x):
+            return self.w
+
+    return Point(), lambda w, _: 0.5 * w @ hess @ w, torch.zeros(1), torch.zeros(1), hess, q
+
+
+SPECTRUM = [4.0, 2.5, 2.0, 1.0, 0.5, 0.1, -6.0]
+
+
 # ---- a measurement leaves everything as it found it -------------------------------------------
 def snapshot(model: nn.Module) -> dict:
     noise = [m for m in model.modules() if isinstance(m, BatchNoise)]
@@ -154,6 +181,10 @@ def run_every_probe(model, loss_fn, x, y, after):
     probes.random_landscape(model, loss_fn, x, y, [0.05], seed=1)
     probes.activations(model, x)
     probes.layer_names(model, x)
+    probes.hessian_density(model, loss_fn, x, y, n_v=2, m=3, params=[1, 2])
+    probes.loss_surface(model, loss_fn, x, y, grid=2)
+    probes.loss_surface(model, loss_fn, x, y, grid=2, mode="eval", params=[1])
+    probes.interpolate(model, loss_fn, x, y, after, alphas=[0.0, 1.0])
 
 
 # ---- Lightning fits with the Instruments callback ---------------------------------------------
@@ -241,3 +272,27 @@ def example_input(net: torch.nn.Module) -> torch.Tensor:
     if isinstance(first, torch.nn.Conv2d):
         return torch.randn(2, first.in_channels, 32, 32)
     return torch.randn(4, first.in_features)
+
+
+# ---- DDP: spawned processes --------------------------------------------------------------------
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def spawned(worker, out_dir, world: int, deadline_s: float) -> list[dict]:
+    """worker(rank, port, out_dir) in `world` spawned processes, each saving out_dir/rank<r>.pt;
+    waits at most deadline_s (then kills them), and returns what every rank saved."""
+    ctx = mp.start_processes(worker, args=(free_port(), str(out_dir)), nprocs=world, join=False,
+                             start_method="spawn")
+    deadline = time.monotonic() + deadline_s
+    try:
+        while not ctx.join(timeout=1):
+            if time.monotonic() > deadline:
+                raise TimeoutError("DDP processes did not finish in time")
+    finally:
+        for p in ctx.processes:
+            if p.is_alive():
+                p.kill()
+    return [torch.load(f"{out_dir}/rank{r}.pt", weights_only=False) for r in range(world)]

@@ -8,38 +8,15 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from bnstudy import probes
 from bnstudy.instruments import BNGradientBound, Curvature, Instruments, Landscape
 from bnstudy.modules import DLNModule
-from cases import LIGHTNING_NOISE, TWINS, Recorder, same_state, trainer
+from cases import (LIGHTNING_NOISE, SPECTRUM, TWINS, Recorder, quadratic, same_state,
+                   trainer)
 
 pytestmark = LIGHTNING_NOISE
-
-
-def quadratic(spectrum, diagonal: bool = False):
-    """loss(w) = 1/2 w^T H w in float64 with the given eigenvalues (a random rotation unless
-    `diagonal`): the Hessian is H everywhere."""
-    n = len(spectrum)
-    g = torch.Generator().manual_seed(3)
-    q = torch.eye(n, dtype=torch.float64) if diagonal else torch.linalg.qr(
-        torch.randn(n, n, generator=g, dtype=torch.float64))[0]
-    hess = q @ torch.diag(torch.tensor(spectrum, dtype=torch.float64)) @ q.T
-
-    class Point(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.w = nn.Parameter(torch.randn(n, generator=g, dtype=torch.float64))
-
-        def forward(self, x):
-            return self.w
-
-    return Point(), lambda w, _: 0.5 * w @ hess @ w, torch.zeros(1), torch.zeros(1), hess, q
-
-
-SPECTRUM = [4.0, 2.5, 2.0, 1.0, 0.5, 0.1, -6.0]
 
 
 def test_quadratic_oracle_is_exact():

@@ -6,20 +6,18 @@ One spawn runs both parts (starting processes is the slow part); every wait has 
 from __future__ import annotations
 
 import os
-import socket
-import time
 import warnings
 from datetime import timedelta
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset, TensorDataset
 
 from bnstudy import probes
 from bnstudy.models import VGG, DeepLinear, init_weights
+from cases import spawned
 
 WORLD = 2
 DEADLINE_S = 150
@@ -115,12 +113,6 @@ def worker(rank: int, port: int, out_dir: str) -> None:
     dist.destroy_process_group()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def assert_close(a, b, rel):
     if isinstance(a, dict):
         assert a.keys() == b.keys()
@@ -139,18 +131,7 @@ def assert_close(a, b, rel):
 @pytest.mark.slow
 @pytest.mark.timeout(DEADLINE_S + 30)
 def test_probes_agree_across_ranks_and_with_one_process(tmp_path):
-    ctx = mp.start_processes(worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=False,
-                             start_method="spawn")
-    deadline = time.monotonic() + DEADLINE_S
-    try:
-        while not ctx.join(timeout=1):
-            if time.monotonic() > deadline:
-                raise TimeoutError("DDP probe processes did not finish in time")
-    finally:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.kill()
-    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    ranks = spawned(worker, tmp_path, WORLD, DEADLINE_S)
     fixed_batches = [r.pop("fixed_batches") for r in ranks]  # tensors: compared below
 
     # the same numbers on every rank, bit for bit (but the wall times; and Lanczos' residual and

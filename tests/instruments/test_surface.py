@@ -1,6 +1,8 @@
-"""Loss surfaces: filter normalization as defined, the grid against a naive twin (a deep copy per
-point) and a quadratic's closed form, split grids merged equal the unsplit one exactly (parts and
-DDP ranks), 1-D interpolation, PCA directions of a planar trajectory, the state left bit for bit."""
+"""Loss surfaces (bnstudy/instruments/surface.py): filter normalization as defined, a quadratic's
+closed form, split grids merged equal the unsplit one exactly (parts and DDP ranks, where the
+density's products are averaged too), 1-D interpolation, PCA directions of a planar trajectory.
+The twin (a deep copy per point) runs in test_twins.py, the state check in test_state.py; the
+surface command in tests/analysis/test_landscape_commands.py."""
 from __future__ import annotations
 
 import copy
@@ -13,12 +15,10 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from bnstudy.instruments import (filter_normalized_direction, hessian_density, interpolate,
+                                 loss_surface, merge_surfaces, pca_directions, project)
 from bnstudy.models import VGG, init_weights
-from bnstudy.surface import (filter_normalized_direction, interpolate, loss_surface,
-                             merge_surfaces, pca_directions, project)
-from test_curvature import conv_bn, quadratic
-from test_probes import assert_same, snapshot, trained_step
-from test_spectrum import checkpoint_twin, trajectory_runs  # noqa: F401  (shared runs)
+from cases import conv_bn, quadratic, spawned, trained_step
 
 
 def test_filter_normalization_scales_each_filter_to_the_weights_filter():
@@ -43,41 +43,6 @@ def test_filter_normalization_scales_each_filter_to_the_weights_filter():
         float(params["7.weight"].detach().norm()), rel=1e-5)
     with pytest.raises(ValueError, match="norm must be one of filter, layer, none"):
         filter_normalized_direction(model, norm="unit")
-
-
-def naive_surface(model, loss_fn, x, y, directions, coords, mode="train"):
-    """The definition: a deep copy of the model per point, its parameters set to W + a d1 + b d2,
-    one forward in the mode."""
-    shape = tuple(len(c) for c in coords)
-    out = np.zeros(shape)
-    for index in np.ndindex(*shape):
-        twin = copy.deepcopy(model).train(mode == "train")
-        with torch.no_grad():
-            for name, p in twin.named_parameters():
-                if name in directions[0]:
-                    p.add_(sum(float(c[i]) * d[name] for c, i, d in zip(coords, index,
-                                                                        directions)))
-            out[index] = float(loss_fn(twin(x), y))
-    return out
-
-
-@pytest.mark.parametrize("mode", ["train", "eval"])
-def test_surface_equals_the_naive_twin(mode):
-    model, loss_fn, x, y = conv_bn()
-    model.train()
-    model(x)  # running statistics that differ from the batch's, so the modes differ
-    directions = [filter_normalized_direction(model, seed=s) for s in (0, 1)]
-    coords = [np.linspace(-1, 1, 5), np.linspace(-0.5, 0.5, 3)]
-    result = loss_surface(model, loss_fn, x, y, coords=coords, mode=mode)  # default directions
-    assert result["loss"].shape == (5, 3) and result["done"].all()
-    assert result["evaluations"] == 15
-    twin = naive_surface(model, loss_fn, x, y, directions, coords, mode)
-    np.testing.assert_allclose(result["loss"], twin, rtol=1e-5)
-    center = float(loss_fn(copy.deepcopy(model).train(mode == "train")(x), y))
-    assert result["loss"][2, 1] == pytest.approx(center, rel=1e-6)
-    if mode == "eval":
-        train = loss_surface(model, loss_fn, x, y, coords=coords)
-        assert not np.allclose(train["loss"], result["loss"], rtol=1e-3)
 
 
 def test_quadratic_oracle_along_eigenvectors():
@@ -115,20 +80,12 @@ def test_split_grids_merge_into_the_unsplit_one_exactly():
         loss_surface(model, loss_fn, x, y, part=(3, 3))
 
 
-def test_surfaces_and_the_density_leave_all_state_bit_for_bit():
-    from bnstudy.spectrum import hessian_density
-
-    model, loss_fn, x, y, after, _ = trained_step("vgg_noisy_bn")
-    model.train()
-    loss_fn(model(x), y).backward()  # .grad populated, noise drawn and held
-    before = snapshot(model)
+def test_progress_is_called_once_per_point_and_product():
+    model, loss_fn, x, y = conv_bn()
     points, products = [], []
-    loss_surface(model, loss_fn, x, y, grid=2, progress=points.append)
-    loss_surface(model, loss_fn, x, y, grid=2, mode="eval", params=[1, 3])
-    interpolate(model, loss_fn, x, y, after, alphas=[0.0, 1.0])
+    loss_surface(model, loss_fn, x, y, grid=3, part=(1, 2), progress=points.append)
     result = hessian_density(model, loss_fn, x, y, n_v=2, m=3, params=[1, 2],
                              progress=products.append)
-    assert_same(before, snapshot(model))
     assert points == [1] * 4
     assert products == [1] * result["hvps"] and result["hvps"] == 6
 
@@ -141,9 +98,10 @@ def test_interpolation_ends_at_both_checkpoints():
     with torch.no_grad():
         for n, p in moved.named_parameters():
             p.copy_(after[n])
-    assert line["loss"][0] == pytest.approx(float(loss_fn(copy.deepcopy(model).train()(x), y)),
-                                            rel=1e-6)
-    assert line["loss"][2] == pytest.approx(float(loss_fn(moved(x), y)), rel=1e-5)
+        start = float(loss_fn(copy.deepcopy(model).train()(x), y))
+        end = float(loss_fn(moved(x), y))
+    assert line["loss"][0] == pytest.approx(start, rel=1e-6)
+    assert line["loss"][2] == pytest.approx(end, rel=1e-5)
 
 
 def test_pca_directions_recover_a_planar_trajectory():
@@ -184,8 +142,6 @@ def ddp_problem():
 
 
 def ddp_worker(rank: int, port: int, out_dir: str) -> None:
-    from bnstudy.spectrum import hessian_density
-
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=timedelta(seconds=60))
@@ -202,9 +158,7 @@ def ddp_worker(rank: int, port: int, out_dir: str) -> None:
 @pytest.mark.slow  # two spawned processes importing torch and Lightning: 10-50 s here
 @pytest.mark.timeout(150)
 def test_ddp_ranks_split_the_grid_and_average_the_products(tmp_path):
-    from test_ddp_probes import spawned
-
-    ranks = spawned(ddp_worker, tmp_path, deadline_s=120)
+    ranks = spawned(ddp_worker, tmp_path, WORLD, deadline_s=120)
     model, loss_fn, x, y = ddp_problem()
     whole = loss_surface(model, loss_fn, x, y, grid=5)
     for r in ranks:  # every rank has the whole grid, equal to one process's bit for bit
@@ -213,86 +167,8 @@ def test_ddp_ranks_split_the_grid_and_average_the_products(tmp_path):
     # data parallel: the mean of the ranks' mean losses is the global batch's (no BN)
     np.testing.assert_allclose(ranks[0]["averaged"]["loss"],
                                loss_surface(model, loss_fn, x, y, grid=3)["loss"], rtol=1e-5)
-    from bnstudy.spectrum import hessian_density
-
     single = hessian_density(model, loss_fn, x, y, n_v=2, m=5)
     for key in ("moments", "density"):
         np.testing.assert_array_equal(ranks[0]["density"][key], ranks[1]["density"][key])
         np.testing.assert_allclose(ranks[0]["density"][key], single[key], rtol=1e-3)
     assert ranks[0]["density"]["lambda_max"] == pytest.approx(single["lambda_max"], rel=1e-4)
-
-
-# ---- python -m bnstudy surface on real run directories -------------------------------------------
-
-
-def test_surface_command_draws_the_trajectory_and_splits_into_parts(trajectory_runs, tmp_path,
-                                                                    monkeypatch):
-    from bnstudy.cli import main
-    from bnstudy.landscape_figures import load
-    from bnstudy.report import FIGURES, build_report
-    from bnstudy.runs import load_runs
-
-    monkeypatch.setenv("WANDB_MODE", "disabled")
-    runs = [str(trajectory_runs / n) for n in ("none", "batch")]
-    out = tmp_path / "out"
-    assert main(["surface", *runs, "--grid", "5", "--out", str(out)]) == 0
-    folder = trajectory_runs / "batch" / "landscape"
-    whole = load(folder / "surface-step6.npz")
-    assert str(whole["directions"]) == "pca"  # auto: 6 checkpoints
-    assert whole["loss"].shape == (5, 5) and np.isfinite(whole["loss"]).all()
-    # the trajectory: one point per checkpoint, the last (the center) at the origin
-    assert whole["trajectory_steps"].tolist() == [0, 1, 2, 3, 4, 6]
-    np.testing.assert_allclose(whole["trajectory"][-1], [0, 0], atol=1e-9)
-    # the grid covers the trajectory
-    for axis in range(2):
-        coords, path = whole[f"coords{axis}"], whole["trajectory"][:, axis]
-        assert coords.min() < path.min() <= path.max() < coords.max()
-    assert (folder / "surface-step6.png").stat().st_size > 10_000
-    assert (out / "surface.png").stat().st_size > 10_000
-    # two Slurm array tasks and a merge give the same grid, bit for bit
-    for i in range(2):
-        assert main(["surface", runs[1], "--grid", "5", "--part", f"{i}/2", "--out",
-                     str(out)]) == 0
-    assert sorted(p.name for p in folder.glob("*.part*")) == [
-        "surface-step6.part0of2.npz", "surface-step6.part1of2.npz"]
-    (folder / "surface-step6.npz").unlink()
-    assert main(["surface", runs[1], "--merge", "--out", str(out)]) == 0
-    merged = load(folder / "surface-step6.npz")
-    assert np.array_equal(merged["loss"], whole["loss"])
-    # the report draws the side-by-side figure from the saved data
-    spec = next(s for s in FIGURES if s.name == "q_surface")
-    report = build_report([], tmp_path / "report", runs=load_runs([trajectory_runs]),
-                          wandb=False, figures=[spec], echo=lambda line: None)
-    assert report.figures["q_surface"].stat().st_size > 10_000
-
-
-def test_surface_command_random_directions_and_a_line(trajectory_runs, tmp_path, monkeypatch):
-    from bnstudy.cli import main
-    from bnstudy.landscape_figures import load
-
-    monkeypatch.setenv("WANDB_MODE", "disabled")
-    run = trajectory_runs / "none"
-    assert main(["surface", str(run), "--grid", "3", "--directions", "random", "--at", "3",
-                 "--out", str(tmp_path)]) == 0
-    data = load(run / "landscape" / "surface-step3.npz")
-    assert data["coords0"].tolist() == [-1, 0, 1]
-    net, loss_fn, x, y = checkpoint_twin(run, 3)
-    assert data["loss"][1, 1] == pytest.approx(float(loss_fn(net.train()(x), y)), rel=1e-6)
-    assert main(["surface", str(run), "--line", "0", "6", "--grid", "5", "--out",
-                 str(tmp_path)]) == 0
-    line = load(run / "landscape" / "line-0-6.npz")
-    assert line["coords0"].tolist() == [-0.5, 0, 0.5, 1, 1.5]
-    for alpha, step in ((1, 0), (3, 6)):
-        net, loss_fn, x, y = checkpoint_twin(run, step)
-        assert line["loss"][alpha] == pytest.approx(float(loss_fn(net.train()(x), y)), rel=1e-5)
-    assert (tmp_path / "line-0-6.png").stat().st_size > 10_000
-
-
-def test_surface_command_says_what_is_wrong_in_one_line(trajectory_runs, tmp_path, capsys):
-    from bnstudy.cli import main
-
-    run = str(trajectory_runs / "none")
-    assert main(["surface", run, "--part", "2/2", "--out", str(tmp_path)]) == 2
-    assert "--part I/N needs 0 <= I < N; got 2/2" in capsys.readouterr().err
-    assert main(["surface", run, "--at", "7", "--out", str(tmp_path)]) == 2
-    assert "no checkpoint at step(s) [7]" in capsys.readouterr().err

@@ -2,6 +2,10 @@
 way): the fast measurement and the definition written out naively agree."""
 from __future__ import annotations
 
+import copy
+import math
+
+import numpy as np
 import pytest
 import torch
 
@@ -64,13 +68,67 @@ def curvature_twin(case: str) -> None:
     assert trace["se"] > 0 and trace["hvps"] == 64
 
 
+def l1(a: np.ndarray, b: np.ndarray, grid: np.ndarray) -> float:
+    """L1 distance of two densities on an even grid (each integrates to 1)."""
+    return float(np.abs(a - b).sum() * (grid[1] - grid[0]))
+
+
+def density_twin(case: str) -> None:
+    """Moments tr(H^k)/n, k = 1..4, within 3 standard errors of the dense float64 Hessian's; the
+    smoothed density within L1 of twice the distance its own error bars predict (sqrt(2/pi) x the
+    summed pointwise standard error: the mean |error| of a Gaussian) plus its quadrature change,
+    so that sampling over vectors is the only error left."""
+    model, loss_fn, x, y = TWINS[case]()
+    result = probes.hessian_density(model, loss_fn, x, y, n_v=40, m=60, seed=1)
+    grid = result["grid"]
+    dense = probes.hessian_density_dense(model, loss_fn, x, y, grid, result["sigma"])
+    assert result["n"] == dense["n"] and result["n_v"] == 40
+    assert result["hvps"] == sum(result["steps"]) and max(result["steps"]) <= 60
+    assert np.all(result["moments_se"] > 0)
+    assert np.all(np.abs(result["moments"] - dense["moments"]) <= 3 * result["moments_se"]), (
+        (result["moments"] - dense["moments"]) / result["moments_se"])
+    assert abs(result["trace"] - dense["trace"]) <= 3 * result["trace_se"]
+    assert l1(result["density"], 0 * grid, grid) == pytest.approx(1, abs=1e-3)
+    predicted = math.sqrt(2 / math.pi) * float(result["density_se"].sum() * (grid[1] - grid[0]))
+    distance = l1(result["density"], dense["density"], grid)
+    assert result["quadrature_l1"] < 0.01
+    assert distance <= 2 * predicted + result["quadrature_l1"], (distance, predicted)
+    # the extremes: Lanczos finds them first
+    assert result["lambda_max"] == pytest.approx(dense["lambda_max"], rel=1e-4)
+    assert result["lambda_min"] == pytest.approx(dense["lambda_min"], rel=1e-3, abs=1e-4)
+    assert abs(result["neg_mass"] - dense["neg_mass"]) <= 3 * result["neg_mass_se"] + 0.02
+
+
+def surface_twin(case: str) -> None:
+    """The grid along the default (filter-normalized) directions equals a deep copy per point, in
+    train mode (batch statistics, the held noise) and in eval mode (running statistics)."""
+    model, loss_fn, x, y, _, _ = trained_step(case)  # running statistics moved by two steps
+    directions = [probes.filter_normalized_direction(model, seed=s) for s in (4, 5)]
+    coords = [np.linspace(-1, 1, 3), np.linspace(-0.5, 0.5, 3)]
+    results = {}
+    for mode in ("train", "eval"):
+        fast = probes.loss_surface(model, loss_fn, x, y, coords=coords, mode=mode, seed=4)
+        twin = probes.loss_surface_bruteforce(model, loss_fn, x, y, directions, coords, mode)
+        assert fast["loss"].shape == (3, 3) and fast["done"].all() and fast["evaluations"] == 9
+        np.testing.assert_allclose(fast["loss"], twin, rtol=1e-5)
+        # the center is the model's own loss in that mode
+        with torch.no_grad():
+            center = float(loss_fn(copy.deepcopy(model).train(mode == "train")(x), y))
+        assert fast["loss"][1, 1] == pytest.approx(center, rel=1e-6)
+        results[mode] = fast["loss"]
+    if "bn" in case:  # BN: the two modes measure different losses
+        assert not np.allclose(results["train"], results["eval"], rtol=1e-3)
+
+
 # quantity: (its check against the twin, the model cases it runs on). The dense Hessian of the
-# curvature twin is affordable on the tiny TWINS models only.
+# curvature and density twins is affordable on the tiny TWINS models only.
 HARNESS = {
     "ics": (ics_twin, list(CASES)),
     "landscape": (landscape_twin, list(CASES)),
     "random_landscape": (random_landscape_twin, ["vgg_noisy_bn", "dln"]),
     "curvature": (curvature_twin, list(TWINS)),
+    "density": (density_twin, list(TWINS)),
+    "surface": (surface_twin, list(CASES)),
 }
 
 
