@@ -5,13 +5,33 @@ from __future__ import annotations
 
 import json
 import struct
+import time
 from pathlib import Path
 
 
-def read_records(path: Path) -> list:
+def read_records(path: Path, wait_s: float = 30.0) -> list:
+    """The file's records once it is whole: run.finish() can return before W&B's writer process
+    has flushed the last blocks (seen on a loaded machine: no history yet, or a record cut off),
+    so read again until the run's exit record, written last, is there."""
+    from google.protobuf.message import DecodeError
+
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            records = parse_records(Path(path).read_bytes(), path)
+        except DecodeError:
+            records = []
+        if records and records[-1].WhichOneof("record_type") == "exit":
+            return records
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{path} has no exit record after {wait_s:.0f} s: the run did "
+                                 "not finish")
+        time.sleep(0.2)
+
+
+def parse_records(data: bytes, path: Path) -> list:
     from wandb.proto import wandb_internal_pb2 as pb
 
-    data = Path(path).read_bytes()
     assert data[:4] == b":W&B", f"{path} is not a W&B run file"
     pos, block, records, pending = 7, 32768, [], b""
     while pos + 7 <= len(data):
