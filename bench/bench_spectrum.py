@@ -9,7 +9,7 @@ Models: VGG-16 and VGG-11 at width 1/8 with BN on 32x32x3 digit batches of 128 (
 without and with BN, full batch 1000 (after --dln-steps steps of GD at lr 1e-6).
 
 Density, per model, all from the same Rademacher vectors (one private generator):
-  ours         bnstudy.spectrum.hessian_density, n_v vectors x m Lanczos steps (defaults 10, 40)
+  ours         bnstudy.instruments.hessian_density, n_v vectors x m Lanczos steps (defaults 10, 40)
   ours, tol    the same with the early stop tol=1e-3 (at most 100 steps)
   PyHessian    its `density` as written (iter=100 Lanczos iterations, one Gram-Schmidt pass,
                list-of-tensors arithmetic), with n_v = ours' (the same accuracy over vectors)
@@ -22,7 +22,7 @@ alone; the error over vectors, which all methods with n_v vectors share, is prin
 the L1 its standard errors predict).
 
 Surface: a --grid x --grid loss surface along two filter-normalized random directions
-(bnstudy.surface.loss_surface) against loss-landscape's loop (per point `p.data = w + x dx +
+(bnstudy.instruments.loss_surface) against loss-landscape's loop (per point `p.data = w + x dx +
 y dy` for every parameter, then the loss), both in train mode on the same batch.
 
 Peak memory: the rise of the process's peak resident set (VmHWM, reset before each method via
@@ -48,9 +48,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from bnstudy import probes  # noqa: E402
 from bnstudy.data import DigitsData  # noqa: E402
 from bnstudy.models import VGG, DeepLinear, init_weights  # noqa: E402
-from bnstudy.spectrum import (default_grid, hessian_density, quadrature,  # noqa: E402
-                              smoothed_density)
-from bnstudy.surface import filter_normalized_direction, loss_surface  # noqa: E402
+from bnstudy.instruments.spectrum import (default_grid, hessian_density, quadrature,  # noqa: E402
+                                          smoothed_density)
+from bnstudy.instruments.surface import filter_normalized_direction, loss_surface  # noqa: E402
 
 print = functools.partial(print, flush=True)  # noqa: A001 (progress as it comes)
 

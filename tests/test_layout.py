@@ -49,7 +49,7 @@ def test_old_names_keep_working():
     assert callbacks.StepEndSignals.__module__ == "bnstudy.callbacks.step_end_signals"
     assert not hasattr(callbacks, "RequeueAtStepEnd")  # the dead alias is gone
     for name in ("Instruments", "ICS", "Landscape", "RandomLandscape", "ActivationStats",
-                 "Curvature", "BNGradientBound", "Probe"):  # what config.yaml files hold
+                 "Curvature", "BNGradientBound", "Probe", "Spectrum"):  # what config.yaml holds
         assert get_import_path(getattr(instruments, name)) == f"bnstudy.instruments.{name}"
     assert set(instruments.__all__) <= set(dir(instruments)) | {"Instruments"}
 
