@@ -20,6 +20,7 @@ from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar, ThroughputMonitor
 from lightning.pytorch.cli import SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.trainer.states import RunningStage
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 
 
@@ -161,6 +162,7 @@ class StepEndSignals(L.Callback):
 
     - SIGTERM / SIGINT: save last.ckpt, then stop before the next step by raising Interrupted
       (exit 128 + signal). A signal that comes in the fit's last step lets it finish (exit 0).
+      A SIGTERM that came before training began stops it before its first step.
       A second SIGINT while the step finishes interrupts at once (KeyboardInterrupt).
     - Slurm's requeue signal (SIGUSR1, with Lightning's SLURM auto-requeue on): Lightning's own
       handler (hpc checkpoint + `scontrol requeue`), run here; the W&B run is marked preempting so
@@ -191,6 +193,14 @@ class StepEndSignals(L.Callback):
         for signum in self.STOP_SIGNALS:
             self._previous[signum] = signal.getsignal(signum)
             signal.signal(signum, self._defer_stop)
+        # a SIGTERM while the fit started went to Lightning's handler, which would stop the fit
+        # after its first step with a SystemExit of code 0 and no checkpoint: stop before it
+        early = trainer.received_sigterm
+        if trainer.world_size > 1:  # any rank's: all stop
+            early = bool(trainer.strategy.reduce(
+                torch.tensor(float(early), device=pl_module.device), reduce_op="sum") > 0)
+        if early:
+            raise Interrupted(signal.SIGTERM, trainer.global_step, trainer.ckpt_path)
 
     def _defer_requeue(self, signum, frame) -> None:
         self._requeue_signum = signum
@@ -446,10 +456,29 @@ class LastCheckpoint(ModelCheckpoint):
 class ThroughputAtLogSteps(ThroughputMonitor):
     """Lightning's ThroughputMonitor (train/samples_per_sec, ...), timed at the steps that log
     (`log_every_n_steps`) only: the original synchronizes the GPU every step to read the clock.
-    The rate is over the last `window_size` - 1 logging intervals."""
+    The rate is over the last `window_size` - 1 logging intervals. The counts of batches and
+    samples so far (train/batches, train/samples) are kept in checkpoints: a resumed run goes on
+    counting where it stopped (the original starts again from 0 at every fit)."""
 
     def __init__(self, batch_size_fn, window_size: int = 5, **kwargs):
         super().__init__(batch_size_fn=batch_size_fn, window_size=window_size, **kwargs)
+        self._resumed: dict | None = None
+
+    def state_dict(self) -> dict:
+        stage = RunningStage.TRAINING
+        return {"batches": self._batches.get(stage, 0), "samples": self._samples.get(stage, 0)}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self._resumed = dict(state_dict)  # applied when training starts (which resets them)
+
+    @rank_zero_only
+    def on_train_start(self, trainer, *args) -> None:
+        super().on_train_start(trainer, *args)
+        if self._resumed:
+            stage = RunningStage.TRAINING
+            self._batches[stage] = self._resumed.get("batches", 0)
+            self._samples[stage] = self._resumed.get("samples", 0)
+            self._resumed = None
 
     @rank_zero_only
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, *args) -> None:
