@@ -23,7 +23,6 @@ import time
 import warnings
 from pathlib import Path
 
-import lightning as L
 import torch
 import yaml
 from lightning.pytorch.callbacks import LearningRateMonitor
@@ -35,9 +34,11 @@ from bnstudy.callbacks import (
     AtomicCheckpointIO,
     BestCheckpoint,
     DivergenceGuard,
+    FitSummary,
     LastCheckpoint,
     LoggerSaveConfigCallback,
     ResumeLogs,
+    StartupTime,
     StepEndSignals,
     StepProgressBar,
     ThroughputAtLogSteps,
@@ -138,47 +139,6 @@ def ensure_wandb_mode() -> None:
     os.environ["WANDB_MODE"] = "offline"
     print("bnstudy: no W&B API key found, logging offline (sync later with `wandb sync`)",
           file=sys.stderr)
-
-
-def process_age() -> float | None:
-    """Seconds since this process started (Linux: its start time in /proc, 10 ms ticks), so
-    that the imports before any bnstudy code ran count too; None elsewhere."""
-    try:
-        with open("/proc/self/stat") as f:
-            started = int(f.read().rsplit(")", 1)[1].split()[19])  # field 22, starttime
-        return time.clock_gettime(time.CLOCK_BOOTTIME) - started / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError, AttributeError):
-        return None
-
-
-# the start-up of the newest fit in this process, in seconds: "fit_s" (wall) and "fit_cpu_s"
-# from cli_main's start to the first training step, "process_s" and "process_cpu_s" from the
-# process's start (for its first fit only)
-STARTUP: dict[str, float] = {}
-_CLI_MAIN_CALLS = [0]
-
-
-class StartupTime(L.Callback):
-    """Says at the first training step how long the fit took to get there (parsing, building,
-    loading, and for a process's first fit its imports): one line on stderr, and STARTUP for
-    `reproduce`, whose workers run many fits in one process."""
-
-    def __init__(self, began: tuple[float, float], first_in_process: bool):
-        self.began, self.first_in_process, self.said = began, first_in_process, False
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        if self.said or not trainer.is_global_zero:
-            return
-        self.said = True
-        STARTUP["fit_s"] = time.perf_counter() - self.began[0]
-        STARTUP["fit_cpu_s"] = time.process_time() - self.began[1]
-        age = process_age() if self.first_in_process else None
-        if age is not None:
-            STARTUP["process_s"], STARTUP["process_cpu_s"] = age, time.process_time()
-        print(f"bnstudy: first training step {STARTUP['fit_s']:.2f} s after the fit began "
-              f"({STARTUP['fit_cpu_s']:.2f} s CPU)" + (
-                  f", {age:.2f} s after the process started ({time.process_time():.2f} s CPU)"
-                  if age is not None else ""), file=sys.stderr, flush=True)
 
 
 class StudyCLI(LightningCLI):
@@ -318,9 +278,8 @@ class StudyCLI(LightningCLI):
         extra = [LearningRateMonitor(logging_interval="step")]
         if self.subcommand == "fit":
             extra += [ThroughputAtLogSteps(batch_size_fn=_batch_size), StepEndSignals(),
-                      ResumeLogs(), ThreadsForFit(cfg.get("threads")),
-                      StartupTime(_ACTIVE.get("began", (time.perf_counter(), time.process_time())),
-                                  _CLI_MAIN_CALLS[0] == 1)]
+                      ResumeLogs(), ThreadsForFit(cfg.get("threads")), FitSummary(),
+                      StartupTime(_ACTIVE.get("began", (time.perf_counter(), time.process_time())))]
         if cfg.trainer.get("enable_progress_bar") is not False:
             extra.append(StepProgressBar())
         callbacks = list(cfg.trainer.get("callbacks") or []) + extra
@@ -391,8 +350,6 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> StudyCLI:
     previous_run_dir = os.environ.get(RUN_DIR_ENV)
     _ACTIVE.clear()
     _ACTIVE["began"] = (time.perf_counter(), time.process_time())  # wall, CPU
-    _CLI_MAIN_CALLS[0] += 1
-    STARTUP.clear()
     ok = False
     try:
         cli = StudyCLI(
