@@ -120,5 +120,5 @@ def assert_same_metrics(a: Path, b: Path) -> int:
     for ra, rb in zip(rows_a, rows_b):
         differ = [c for c in cols_a if ra[c] != rb[c]]
         assert not differ, (a, b, ra["step"], {c: (ra[c], rb[c]) for c in differ[:5]})
-    assert {"train/loss", "train/batches", "train/samples"} <= set(cols_a)
+    assert "train/loss" in cols_a
     return sum(v != "" for r in rows_a for v in r.values())

@@ -15,10 +15,11 @@ from pathlib import Path
 import pytest
 import yaml
 
+import wandb_records
 from bnstudy.lightning_cli import parse_only
-from bnstudy.study.reproduce import DLN_STEPS, mini_runs
+from bnstudy.study.reproduce import DLN_STEPS, child_env, mini_runs
 from conftest import REPO
-from tiny_fits import assert_same_metrics
+from tiny_fits import assert_same_metrics, read_metrics
 
 
 def test_mini_plan_is_the_papers_grid(tmp_path):
@@ -46,10 +47,10 @@ def test_mini_plan_is_the_papers_grid(tmp_path):
                for m, _, d in vgg.values())
 
 
-def reproduce(out, *args, timeout=300):
+def reproduce(out, *args, timeout=300, env=None):
     return subprocess.run([sys.executable, "-m", "bnstudy", "reproduce", "mini", "--out", str(out),
                            "--only", "dln_bn_lr1e-6,vgg_lr0.5", "--steps-scale", "0.0005", *args],
-                          capture_output=True, text=True, timeout=timeout, cwd=REPO)
+                          capture_output=True, text=True, timeout=timeout, cwd=REPO, env=env)
 
 
 def test_driver_runs_skips_finished_runs_and_writes_the_report(tmp_path):
@@ -123,27 +124,36 @@ def dry_run(out: Path, only: str, scale: str) -> dict[str, str]:
 
 @pytest.mark.slow
 def test_runs_in_one_worker_equal_runs_in_their_own_processes(tmp_path):
-    """Three runs one after another in one worker process (VGG then two DLNs, noisy BN's random
-    streams, W&B offline) write the metrics.csv, bit for bit, of the same `fit` commands (as
-    --dry-run prints them) each run in a process of its own."""
-    only, scale = "vgg_noisy_bn_lr0.1,dln_noisy_bn_lr1e-6,dln_bn_lr1e-6", "0.003"
+    """Three runs one after another in one worker process (a DLN, then VGG and DLN with noisy BN's
+    random streams; W&B offline) write the metrics.csv, bit for bit, of the same `fit` commands
+    (as --dry-run prints them) each run in a process of its own, and each its own W&B run."""
+    only, scale = "vgg_noisy_bn_lr0.1,dln_noisy_bn_lr1e-6,dln_bn_lr1e-6", "0.02"
     out = tmp_path / "plan"
-    proc = reproduce(out, "--only", only, "--steps-scale", scale, "--jobs", "1", "--no-report")
+    env = {**os.environ, "WANDB_MODE": "offline"}
+    proc = reproduce(out, "--only", only, "--steps-scale", scale, "--jobs", "1", "--no-report",
+                     env=env)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     done = {n: json.loads((out / "runs" / n / "done.json").read_text()) for n in only.split(",")}
     assert len({d["worker"] for d in done.values()}) == 1  # one process ran the three
-    assert sorted(d["worker_run"] for d in done.values()) == [1, 2, 3]
+    assert {n: d["worker_run"] for n, d in done.items()} == {  # in the plan's order
+        "dln_bn_lr1e-6": 1, "vgg_noisy_bn_lr0.1": 2, "dln_noisy_bn_lr1e-6": 3}
     commands = dry_run(out, only, scale)
     alone = dry_run(tmp_path / "alone", only, scale)
     for name, command in commands.items():
         log = (out / "logs" / f"{name}.log").read_text()
         ran = log.split("\n$ ", 1)[1].splitlines()[0]  # the command the worker ran, as logged
-        assert ran.replace(str(REPO) + "/", "") == command.replace(str(REPO) + "/", ""), name
+        # the same arguments; --dry-run names the config relative to the repository
+        assert ran.replace(f"{REPO}/configs/", "configs/") == command, name
         assert "first training step" in log and "exit code 0" in log
-        single = subprocess.run(alone[name].split()[1:], executable=sys.executable, cwd=REPO,
+        single = subprocess.run([sys.executable, *alone[name].split()[1:]], cwd=REPO,
+                                env=child_env(1) | {"WANDB_MODE": "offline"},
                                 capture_output=True, text=True, timeout=300)
         assert single.returncode == 0, single.stderr[-3000:]
         assert assert_same_metrics(out / "runs" / name, tmp_path / "alone" / "runs" / name) > 100
+        logged = [r["train/loss"] for r in wandb_records.history(out / "runs" / name)
+                  if "train/loss" in r]
+        assert len(logged) == sum(r["train/loss"] != "" for r in read_metrics(out / "runs" / name))
+        assert len(logged) >= 2, name
 
 
 def _first_steps(out: Path) -> int:
