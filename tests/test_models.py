@@ -109,3 +109,32 @@ def test_the_model_summary_counts_real_flops_and_changes_nothing():
     assert all(torch.equal(before[k], v) for k, v in dln.state_dict().items()) and dln.training
     assert summarize(VGGModule(depth=11, width=0.25, image_size=8, in_channels=1)).total_flops > 1e6
 
+
+
+def test_noisy_bn_is_evaluated_with_and_without_its_noise():
+    """val/acc (noise off, the default convention) and val/acc_noise (fresh noise seeded by the
+    step): the second evaluation of the same weights repeats the first, and evaluating changes
+    nothing in training."""
+    from bnstudy.data import DigitsData
+
+    def fit(validate: bool):
+        L.seed_everything(0, verbose=False)
+        module = VGGModule(depth=11, width=0.125, norm="noisy_batch", image_size=8,
+                           in_channels=1)
+        trainer = L.Trainer(max_steps=6, accelerator="cpu", logger=False,
+                            enable_progress_bar=False, enable_checkpointing=False,
+                            enable_model_summary=False, val_check_interval=3,
+                            limit_val_batches=1 if validate else 0, num_sanity_val_steps=0)
+        data = DigitsData(batch_size=32)
+        trainer.fit(module, data)
+        return module, trainer, data
+
+    module, trainer, data = fit(validate=True)
+    first = {k: float(trainer.callback_metrics[k]) for k in ("val/acc", "val/acc_noise",
+                                                               "val/loss", "val/loss_noise")}
+    assert first["val/loss"] != first["val/loss_noise"]
+    again = trainer.validate(module, data, verbose=False)[0]
+    assert again["val/loss_noise"] == first["val/loss_noise"]
+    assert again["val/acc_noise"] == first["val/acc_noise"]
+    plain, _, _ = fit(validate=False)
+    assert all(torch.equal(a, b) for a, b in zip(module.net.parameters(), plain.net.parameters()))
