@@ -223,7 +223,7 @@ class Curvature(Probe):
                       "curv/warm_gap": (top - result["eigenvalues"][0]) / max(abs(top), 1e-30)}
             if top > result["eigenvalues"][0]:
                 result = cold  # the warm start had settled on a lower eigenvalue
-        if warm:
+        if warm and self.cold_every:  # counted only when used: the state stays as before
             self._warm_measurements += 1
         self._vectors = [{n: t.clone() for n, t in v.items()} for v in result["vectors"]]
         values = result["eigenvalues"]
