@@ -7,7 +7,7 @@ during training; one Lightning callback, `Instruments`, runs the probes on their
   loss_landscape    landscape, random_landscape, landscape_bruteforce, Landscape, RandomLandscape
   activation_stats  activations, activation_modules, ActivationStats
   curvature         hessian_eigs, hessian_trace, hessian_dense (the twin), Curvature
-  theorem41         bn_modules, bn_gradient_bound, BNGradientBound
+  theorem41         bn_modules, bn_gradient_bound, gradient_projections, BNGradientBound
   spectrum          hessian_density (SLQ), hessian_density_dense (the twin), Spectrum
   surface           loss_surface, loss_surface_bruteforce (the twin), interpolate, directions
                     (filter_normalized_direction, pca_directions, project), merge_surfaces
@@ -30,7 +30,8 @@ from bnstudy.instruments.state import measuring
 from bnstudy.instruments.surface import (filter_normalized_direction, interpolate, loss_surface,
                                          loss_surface_bruteforce, merge_surfaces, pca_directions,
                                          project)
-from bnstudy.instruments.theorem41 import BNGradientBound, bn_gradient_bound, bn_modules
+from bnstudy.instruments.theorem41 import (BNGradientBound, bn_gradient_bound, bn_modules,
+                                           gradient_projections)
 from bnstudy.instruments.trace import (NORM_LIKE, WEIGHT_LAYERS, LossFn, Params, layer_names,
                                        parameter_names, select_layers)
 
@@ -39,8 +40,8 @@ __all__ = ["Instruments", "Probe", "Step", "ICS", "Landscape", "RandomLandscape"
            "measuring", "layer_names", "select_layers", "ics", "ics_bruteforce", "landscape",
            "random_direction", "random_landscape", "landscape_bruteforce", "activation_modules",
            "activations", "hessian_eigs", "hessian_trace", "hessian_dense", "bn_modules",
-           "bn_gradient_bound", "WEIGHT_LAYERS", "NORM_LIKE", "LossFn", "Params",
-           "parameter_names", "Spectrum", "hessian_density", "hessian_density_dense",
+           "bn_gradient_bound", "gradient_projections", "WEIGHT_LAYERS", "NORM_LIKE", "LossFn",
+           "Params", "parameter_names", "Spectrum", "hessian_density", "hessian_density_dense",
            "loss_surface", "loss_surface_bruteforce", "interpolate", "filter_normalized_direction",
            "pca_directions", "project", "merge_surfaces"]
 
