@@ -1,38 +1,176 @@
-"""Start-up time of the CLI: `--help`, and a config error (which must import Lightning to check
-the model's arguments). Median wall time of --repeats runs each.
+"""Start-up time: what a `fit` process costs before its first training step, what of it is the
+import of Lightning (and torch, W&B, ...), and what bnstudy adds on top; the CLI's `--help` and a
+config error; with --plan, the wall and CPU time of a `reproduce` plan of short runs, whose cost
+is mostly start-up. Medians of --repeats runs, each a fresh process, the cases interleaved (so a
+change in the machine's load hits all of them alike).
 
     .venv/bin/python bench/bench_startup.py [--repeats 5]
+    .venv/bin/python bench/bench_startup.py --repo ../old-checkout       # both checkouts, side by side
+    .venv/bin/python bench/bench_startup.py --repo ../old-checkout --plan --repeats 1
+
+"fit to first step": `python -m bnstudy fit` of configs/dln.yaml and of the mini VGG of
+`reproduce mini` (VGG-16 w0.125 on 32x32x3 digits), from the launch of the process to the start
+of its first training step (bench/first_step.py, added with --trainer.callbacks+=, reports it),
+W&B disabled as `reproduce` runs it. "bnstudy on top of lightning" = that minus the time of
+`python -c "import lightning.pytorch"`. Wall time, and the process's CPU time (all its threads),
+which a busy machine inflates less.
 """
 from __future__ import annotations
 
 import argparse
+import os
+import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+BENCH = Path(__file__).resolve().parent
 COMMANDS = {
     "--help": ["--help"],
     "fit --help (config first)": ["fit", "--config", "configs/quickstart.yaml", "--help"],
     "config error (--model.lrr=1)": ["fit", "--config", "configs/vgg_bn.yaml", "--model.lrr=1"],
 }
+MINI_VGG = ["--data=bnstudy.data.DigitsData", "--data.image_size=32", "--data.channels=3",
+            "--data.batch_size=128", "--model.width=0.125", "--trainer.val_check_interval=1"]
+FITS = {"dln": ["--config", "configs/dln.yaml"],
+        "mini vgg": ["--config", "configs/vgg.yaml", *MINI_VGG]}
+# imported one after another on top of lightning.pytorch, in one process: what each adds
+ON_TOP = ["jsonargparse", "wandb", "torchvision", "sklearn", "matplotlib.pyplot",
+          "lightning.pytorch.cli", "bnstudy.lightning_cli"]
+TIMED_IMPORTS = r"""
+import sys, time
+t0, c0 = time.time(), time.process_time()
+import lightning.pytorch
+print("lightning.pytorch", time.time() - t0, time.process_time() - c0)
+for name in sys.argv[1:]:
+    t, c = time.time(), time.process_time()
+    __import__(name)
+    print(name, time.time() - t, time.process_time() - c)
+"""
+PLAN = ["--only", "dln_*,vgg_lr0.1,vgg_bn_lr0.1", "--steps-scale", "0.01"]
+
+
+def env_for(repo: Path) -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "BNSTUDY_RUN_DIR"}
+    env.update(PYTHONPATH=f"{repo}{os.pathsep}{BENCH}", WANDB_MODE="disabled",
+               WANDB_SILENT="true", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    return env
+
+
+def launch(cmd: list[str], repo: Path) -> tuple[float, float, str, str]:
+    """Wall and CPU seconds of a whole process (its children included), stdout, stderr."""
+    before, start = children_cpu(), time.perf_counter()
+    proc = subprocess.run(cmd, cwd=repo, env=env_for(repo), capture_output=True, text=True)
+    return time.perf_counter() - start, children_cpu() - before, proc.stdout, proc.stderr
+
+
+def children_cpu() -> float:
+    """CPU time of this process's reaped children (and theirs): one process runs at a time."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def first_step(repo: Path, fit: list[str], tmp: Path) -> tuple[float, float]:
+    """Seconds from the launch of `python -m bnstudy fit` to its first training step: wall, CPU."""
+    run_dir = tempfile.mkdtemp(dir=tmp)
+    cmd = [sys.executable, "-m", "bnstudy", "fit", *fit, f"--run_dir={run_dir}",
+           "--trainer.max_steps=1", "--trainer.enable_progress_bar=false",
+           "--trainer.enable_model_summary=false", "--trainer.callbacks+=first_step.FirstStep"]
+    launched = time.time()
+    _, _, _, err = launch(cmd, repo)
+    lines = [line.split() for line in err.splitlines() if line.startswith("FIRST_STEP ")]
+    if not lines:
+        sys.exit(f"bench_startup: no first step in {' '.join(cmd)}:\n{err[-3000:]}")
+    return float(lines[0][1]) - launched, float(lines[0][2])
+
+
+def lightning_import(repo: Path) -> tuple[float, float]:
+    code = ("import time; t = time.time(); import lightning.pytorch; "
+            "print(time.time(), time.process_time())")
+    launched = time.time()
+    _, _, out, _ = launch([sys.executable, "-c", code], repo)
+    end, cpu = map(float, out.split())
+    return end - launched, cpu
+
+
+def median(values) -> float:
+    return statistics.median(values) if values else float("nan")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repo", type=Path, default=None,
+                        help="another checkout (e.g. of an earlier commit), measured beside this")
+    parser.add_argument("--plan", action="store_true",
+                        help=f"also time `reproduce mini {' '.join(PLAN)} --no-report`")
     args = parser.parse_args()
+    repos = {"this": REPO} | ({"other": args.repo.resolve()} if args.repo else {})
+    tmp = Path(tempfile.mkdtemp(prefix="bench_startup_"))
+    print(f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}; "
+          f"this: {REPO}" + (f"; other: {repos['other']}" if args.repo else ""), flush=True)
+
+    # imports, each on top of lightning.pytorch (this checkout's bnstudy)
+    marginal: dict[str, list[tuple[float, float]]] = {}
+    for _ in range(args.repeats):
+        _, _, out, _ = launch([sys.executable, "-c", TIMED_IMPORTS, *ON_TOP], REPO)
+        for line in out.splitlines():
+            name, wall, cpu = line.split()
+            marginal.setdefault(name, []).append((float(wall), float(cpu)))
+    print("\nimports (s, wall / CPU; after the first, each on top of those above it):")
+    for name, values in marginal.items():
+        print(f"  {name:28s} {median(w for w, _ in values):6.2f} / "
+              f"{median(c for _, c in values):5.2f}")
+
+    # fit to its first step, against the import of lightning, interleaved
+    times: dict[tuple[str, str], list[tuple[float, float]]] = {}
+    for _ in range(args.repeats):
+        for label, repo in repos.items():
+            times.setdefault((label, "import lightning.pytorch"), []).append(
+                lightning_import(repo))
+            for fit_name, fit in FITS.items():
+                times.setdefault((label, f"fit to first step: {fit_name}"), []).append(
+                    first_step(repo, fit, tmp))
+    print(f"\nstart-up (s, wall / CPU, median of {args.repeats}):")
+    for (label, name), values in times.items():
+        print(f"  {label:5s} {name:32s} {median(w for w, _ in values):6.2f} / "
+              f"{median(c for _, c in values):5.2f}")
+    for label in repos:
+        base = times[(label, "import lightning.pytorch")]
+        for fit_name in FITS:
+            fit = times[(label, f"fit to first step: {fit_name}")]
+            print(f"  {label:5s} bnstudy on top of lightning, {fit_name:8s}    "
+                  f"{median(w for w, _ in fit) - median(w for w, _ in base):6.2f} / "
+                  f"{median(c for _, c in fit) - median(c for _, c in base):5.2f}"
+                  "   (target: under 1.5 s)")
+
+    print("\nCLI (s, wall, median):")
     for name, argv in COMMANDS.items():
-        times = []
-        for _ in range(args.repeats):
-            start = time.perf_counter()
-            subprocess.run([sys.executable, "-m", "bnstudy", *argv], cwd=REPO,
-                           capture_output=True)
-            times.append(time.perf_counter() - start)
-        print(f"{name:32s} median {statistics.median(times):6.2f} s  "
-              f"(min {min(times):.2f}, max {max(times):.2f}, {args.repeats} runs)")
+        for label, repo in repos.items():
+            walls = [launch([sys.executable, "-m", "bnstudy", *argv], repo)[0]
+                     for _ in range(args.repeats)]
+            print(f"  {label:5s} {name:32s} {median(walls):6.2f}  (min {min(walls):.2f}, "
+                  f"max {max(walls):.2f})")
+
+    if args.plan:
+        print(f"\nreproduce mini {' '.join(PLAN)} --no-report (s, wall / CPU of the whole "
+              "invocation, its runs included):")
+        plans: dict[str, list[tuple[float, float]]] = {}
+        for i in range(args.repeats):
+            for label, repo in repos.items():
+                out = tmp / f"plan_{label}_{i}"
+                wall, cpu, _, err = launch([sys.executable, "-m", "bnstudy", "reproduce", "mini",
+                                            "--out", str(out), *PLAN, "--no-report"], repo)
+                plans.setdefault(label, []).append((wall, cpu))
+                print(f"  {label:5s} run {i + 1}: {wall:6.1f} / {cpu:6.1f}", flush=True)
+        if args.repo:
+            new, old = plans["this"], plans["other"]
+            print(f"  this/other: wall {median(w for w, _ in new) / median(w for w, _ in old):.2f}"
+                  f", CPU {median(c for _, c in new) / median(c for _, c in old):.2f}")
 
 
 if __name__ == "__main__":

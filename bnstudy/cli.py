@@ -10,6 +10,7 @@ import importlib
 import importlib.util
 import os
 import re
+import signal
 import sys
 
 # name: (module whose main(argv) runs it, one-line help). A subcommand is offered only when its
@@ -87,6 +88,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def run_lightning(args: list[str] | None, argv: list[str]) -> int:
     from jsonargparse import ArgumentError
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
 
     from bnstudy.callbacks import FitSummary, Interrupted
     from bnstudy.data import DataNotFoundError
@@ -104,6 +106,12 @@ def run_lightning(args: list[str] | None, argv: list[str]) -> int:
     except Interrupted as stop:
         print(f"{PROG}: {stop}; rerun the same command to resume", file=sys.stderr)
         return 128 + stop.signum
+    except SIGTERMException:
+        # SIGTERM before training began (Lightning's own handler, from the sanity check on): a
+        # SystemExit without a code, which would exit 0 as if the run had finished
+        print(f"{PROG}: stopped by SIGTERM before training began; rerun the same command to "
+              "resume", file=sys.stderr)
+        return 128 + signal.SIGTERM
     except (UsageError, DataNotFoundError) as err:
         print(f"{PROG}: error: {err}", file=sys.stderr)
         return 2

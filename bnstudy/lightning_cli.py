@@ -40,6 +40,7 @@ from bnstudy.callbacks import (
     LastCheckpoint,
     LoggerSaveConfigCallback,
     ResumeLogs,
+    StartupTime,
     StepEndSignals,
     StepProgressBar,
     ThroughputAtLogSteps,
@@ -291,7 +292,8 @@ class StudyCLI(LightningCLI):
         extra = [LearningRateMonitor(logging_interval="step")]
         if self.subcommand == "fit":
             extra += [ThroughputAtLogSteps(batch_size_fn=_batch_size), StepEndSignals(),
-                      ResumeLogs(), ThreadsForFit(cfg.get("threads")), FitSummary()]
+                      ResumeLogs(), ThreadsForFit(cfg.get("threads")), FitSummary(),
+                      StartupTime(_ACTIVE.get("began", (time.perf_counter(), time.process_time())))]
         if cfg.trainer.get("enable_progress_bar") is not False:
             extra.append(StepProgressBar())
         callbacks = list(cfg.trainer.get("callbacks") or []) + extra
@@ -363,6 +365,7 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> StudyCLI:
     _quiet()
     previous_run_dir = os.environ.get(RUN_DIR_ENV)
     _ACTIVE.clear()
+    _ACTIVE["began"] = (time.perf_counter(), time.process_time())  # wall, CPU
     ok = False
     try:
         cli = StudyCLI(

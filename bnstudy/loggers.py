@@ -13,10 +13,14 @@ from lightning.pytorch.utilities import rank_zero_only
 
 
 def _number(text: str):
-    try:
-        return float(text)
-    except ValueError:
-        return text
+    """A value read back from metrics.csv, of the type it was logged with: an int stays an int
+    (rewritten as "1", not "1.0"), so the rows kept by a resume are the same text."""
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
 
 
 class _StepRowWriter(ExperimentWriter):

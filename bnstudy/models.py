@@ -119,3 +119,50 @@ class DeepLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.layers(x)
+
+
+@torch.no_grad()
+def function_preserving_bn(plain: nn.Module, bn: nn.Module, inputs: torch.Tensor) -> nn.Module:
+    """Put a network without BN into the same architecture with BN (after each layer, as VGG and
+    DeepLinear place it) so that, on `inputs` in train mode, it computes the same function: the
+    weights copied layer by layer, and each BN's affine set to undo its normalization, gamma_j =
+    the unit's batch std (sqrt(var + eps), as BN divides by) and beta_j = its batch mean. This is
+    the counter-argument's mapping for Lemma 4.5: any point of the plain network is a point of
+    the BN network with the same loss (gamma = 1, beta = 0 would change the function). Returns
+    `bn`, changed in place; its running statistics are left as they were."""
+    layers = (nn.Conv2d, nn.Linear)
+    plain_layers = [m for m in plain.modules() if isinstance(m, layers)]
+    bn_layers = [m for m in bn.modules() if isinstance(m, layers)]
+    if len(plain_layers) != len(bn_layers):
+        raise ValueError(f"the networks differ: {len(plain_layers)} against {len(bn_layers)} "
+                         f"Conv/Linear layers")
+    for a, b in zip(plain_layers, bn_layers):
+        b.weight.copy_(a.weight)
+        if b.bias is not None:
+            b.bias.copy_(a.bias if a.bias is not None else torch.zeros_like(b.bias))
+    # each layer's output in the plain network: the BN after it sees the same (the layers
+    # before it already compute the plain function), so its batch statistics are these
+    outputs: dict[nn.Module, torch.Tensor] = {}
+    hooks = [m.register_forward_hook(lambda m, args, out: outputs.setdefault(m, out))
+             for m in plain_layers]
+    was = plain.training
+    try:
+        plain(inputs) if was else plain.train()(inputs)
+    finally:
+        plain.train(was)
+        for h in hooks:
+            h.remove()
+    order = list(bn.modules())
+    for a, b in zip(plain_layers, bn_layers):
+        norm = next((m for m in order[order.index(b) + 1:]
+                     if isinstance(m, nn.modules.batchnorm._BatchNorm)), None)
+        following = order[order.index(b) + 1:]
+        nxt = next((m for m in following if isinstance(m, layers)), None)
+        if norm is None or (nxt is not None and order.index(norm) > order.index(nxt)):
+            continue  # no BN right after this layer (the DLN's last one)
+        y = outputs[a]
+        dims = [0] + list(range(2, y.dim()))
+        var, mean = torch.var_mean(y.double(), dim=dims, unbiased=False)
+        norm.weight.copy_((var + norm.eps).sqrt())
+        norm.bias.copy_(mean)
+    return bn

@@ -17,7 +17,7 @@ import torchmetrics
 from torch import nn
 
 from bnstudy.models import VGG, DeepLinear, init_weights
-from bnstudy.norms import BatchNoise, NoiseConfig
+from bnstudy.norms import BatchNoise, NoiseConfig, noise_in_eval, noise_off_in_eval
 
 Norm = Literal["none", "batch", "noisy_batch", "noise", "l1", "l2", "linf", "layer", "group"]
 Init = Literal["glorot", "kaiming", "orthogonal", "default"]
@@ -149,18 +149,27 @@ class StudyModule(L.LightningModule):
         self._update_metrics("train", out, y)
 
     def validation_step(self, batch, batch_idx: int) -> None:
-        self._eval_step("val", batch)
+        self._eval_step("val", batch, batch_idx)
 
     def test_step(self, batch, batch_idx: int) -> None:
-        self._eval_step("test", batch)
+        self._eval_step("test", batch, batch_idx)
 
-    def _eval_step(self, stage: str, batch) -> None:
+    def _eval_step(self, stage: str, batch, batch_idx: int = 0) -> None:
         x, y = batch
         out = self.net(x)
         self.log(f"{stage}/loss", self.loss_fn(out, y), prog_bar=stage == "val", sync_dist=True)
         self._update_metrics(stage, out, y)
+        if noise_off_in_eval(self.net):
+            # noisy BN evaluated both ways (the paper does not say which it used): the logged
+            # val/acc without the noise, val/acc_noise with fresh noise, seeded by the step and
+            # batch so that a resumed run evaluates as one never stopped
+            with noise_in_eval(self.net, seed=self.global_step * 10_007 + batch_idx):
+                noisy = self.net(x)
+            self.log(f"{stage}/loss_noise", self.loss_fn(noisy, y), sync_dist=True)
+            self._update_metrics(stage, noisy, y, suffix="_noise")
 
-    def _update_metrics(self, stage: str, out: torch.Tensor, y: torch.Tensor) -> None:
+    def _update_metrics(self, stage: str, out: torch.Tensor, y: torch.Tensor,
+                        suffix: str = "") -> None:
         pass
 
     # -- checkpoints: every RNG, so a resumed run repeats an uninterrupted one ------------------
@@ -224,16 +233,17 @@ class VGGModule(StudyModule):
             # validate_args=False: the per-step input checks cost ~4% of a small CPU step
             f"{stage}_acc": torchmetrics.classification.MulticlassAccuracy(
                 num_classes, average="micro", validate_args=False)
-            for stage in ("train", "val", "test")
+            for stage in ("train", "val", "test", "val_noise", "test_noise")
         })
 
     def loss_fn(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(outputs, targets)
 
-    def _update_metrics(self, stage: str, out: torch.Tensor, y: torch.Tensor) -> None:
-        metric = self.accuracy[f"{stage}_acc"]
+    def _update_metrics(self, stage: str, out: torch.Tensor, y: torch.Tensor,
+                        suffix: str = "") -> None:
+        metric = self.accuracy[f"{stage}{suffix}_acc"]
         metric(out.detach(), y)
-        self.log(f"{stage}/acc", metric, prog_bar=True)
+        self.log(f"{stage}/acc{suffix}", metric, prog_bar=not suffix)
 
 
 class DLNModule(StudyModule):

@@ -15,6 +15,7 @@ are per unit (channel).
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -62,6 +63,8 @@ class BatchNoise(nn.Module):
         self.stale = True  # the next training forward draws new noise
         self._loaded_state: torch.Tensor | None = None
         self._eval_generator: torch.Generator | None = None
+        self._eval_seed: int | None = None  # set by noise_in_eval
+        self._seeded_eval: torch.Generator | None = None
 
     def resample(self) -> None:
         self.stale = True
@@ -100,11 +103,17 @@ class BatchNoise(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training:
-            if not self.cfg.in_eval:
+            if self._eval_seed is not None:  # noise_in_eval: a stream of this evaluation's own
+                if self._seeded_eval is None or self._seeded_eval.device != x.device:
+                    self._seeded_eval = self._seeded(x.device, stream=2 + self._eval_seed)
+                gen = self._seeded_eval
+            elif self.cfg.in_eval:
+                if self._eval_generator is None or self._eval_generator.device != x.device:
+                    self._eval_generator = self._seeded(x.device, stream=1)
+                gen = self._eval_generator
+            else:
                 return x
-            if self._eval_generator is None or self._eval_generator.device != x.device:
-                self._eval_generator = self._seeded(x.device, stream=1)
-            scale, shift = self.sample(x, self._eval_generator)  # fresh, not held
+            scale, shift = self.sample(x, gen)  # fresh, not held
             return x * scale + shift
         if self.stale or self.scale is None or self.scale.shape != x.shape:
             self.draw(x)
@@ -218,6 +227,28 @@ def make_norm(
     if norm == "group":
         return nn.GroupNorm(_groups(num_features, groups), num_features)
     raise ValueError(f"norm must be one of {', '.join(NORM_KINDS)}; got {norm!r}")
+
+
+@contextmanager
+def noise_in_eval(model: nn.Module, seed: int):
+    """Eval-mode forwards inside apply fresh noisy-BN noise (as `noise.in_eval=true` does), drawn
+    from generators seeded by `seed` (with the layer and the DDP rank) instead of one running
+    stream: the evaluation with the noise on is the same in every rerun and after a resume. The
+    training noise is untouched."""
+    layers = [m for m in model.modules() if isinstance(m, BatchNoise)]
+    for m in layers:
+        m._eval_seed, m._seeded_eval = int(seed), None
+    try:
+        yield
+    finally:
+        for m in layers:
+            m._eval_seed, m._seeded_eval = None, None
+
+
+def noise_off_in_eval(model: nn.Module) -> bool:
+    """The model has noisy-BN layers whose noise is off in evaluation (the default)."""
+    layers = [m for m in model.modules() if isinstance(m, BatchNoise)]
+    return bool(layers) and not any(m.cfg.in_eval for m in layers)
 
 
 def resample_noise(model: nn.Module) -> None:

@@ -109,3 +109,57 @@ def test_the_model_summary_counts_real_flops_and_changes_nothing():
     assert all(torch.equal(before[k], v) for k, v in dln.state_dict().items()) and dln.training
     assert summarize(VGGModule(depth=11, width=0.25, image_size=8, in_channels=1)).total_flops > 1e6
 
+
+
+def test_noisy_bn_is_evaluated_with_and_without_its_noise():
+    """val/acc (noise off, the default convention) and val/acc_noise (fresh noise seeded by the
+    step): the second evaluation of the same weights repeats the first, and evaluating changes
+    nothing in training."""
+    from bnstudy.data import DigitsData
+
+    def fit(validate: bool):
+        L.seed_everything(0, verbose=False)
+        module = VGGModule(depth=11, width=0.125, norm="noisy_batch", image_size=8,
+                           in_channels=1)
+        trainer = L.Trainer(max_steps=6, accelerator="cpu", logger=False,
+                            enable_progress_bar=False, enable_checkpointing=False,
+                            enable_model_summary=False, val_check_interval=3,
+                            limit_val_batches=1 if validate else 0, num_sanity_val_steps=0)
+        data = DigitsData(batch_size=32)
+        trainer.fit(module, data)
+        return module, trainer, data
+
+    module, trainer, data = fit(validate=True)
+    first = {k: float(trainer.callback_metrics[k]) for k in ("val/acc", "val/acc_noise",
+                                                               "val/loss", "val/loss_noise")}
+    assert first["val/loss"] != first["val/loss_noise"]
+    again = trainer.validate(module, data, verbose=False)[0]
+    assert again["val/loss_noise"] == first["val/loss_noise"]
+    assert again["val/acc_noise"] == first["val/acc_noise"]
+    plain, _, _ = fit(validate=False)
+    assert all(torch.equal(a, b) for a, b in zip(module.net.parameters(), plain.net.parameters()))
+
+
+@pytest.mark.parametrize("make", [lambda norm: DeepLinear(6, 10, norm),
+                                  lambda norm: VGG(11, 0.125, norm, image_size=8, in_channels=1)])
+def test_the_function_preserving_bn_mapping_keeps_the_function(make):
+    """Lemma 4.5's counter-argument: the plain network put into the BN network with gamma = the
+    batch std and beta = the batch mean computes the plain function on that batch (before the
+    loss); gamma = 1, beta = 0 does not."""
+    from bnstudy.models import function_preserving_bn
+
+    torch.manual_seed(0)
+    plain, bn = make("none"), make("batch")
+    init_weights(plain)
+    x = torch.randn(32, 10) if isinstance(plain, DeepLinear) else torch.randn(32, 1, 8, 8)
+    with torch.no_grad():
+        want = plain.train()(x)
+        mapped = function_preserving_bn(plain, bn, x).train()(x)
+        naive = make("batch")
+        for a, b in zip([m for m in plain.modules() if isinstance(m, (nn.Conv2d, nn.Linear))],
+                        [m for m in naive.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]):
+            b.weight.copy_(a.weight)
+            b.bias.copy_(a.bias) if b.bias is not None else None
+        changed = naive.train()(x)
+    assert torch.allclose(mapped, want, rtol=1e-4, atol=1e-5 * float(want.abs().max()))
+    assert not torch.allclose(changed, want, rtol=1e-2)

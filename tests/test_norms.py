@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from bnstudy.norms import BatchNoise, LpNorm, NoiseConfig, make_norm, resample_noise
+from bnstudy.norms import BatchNoise, LpNorm, NoiseConfig, make_norm, noise_in_eval, resample_noise
 
 
 def _drawn(shape, cfg=NoiseConfig(), seed=0):
@@ -165,3 +165,26 @@ def test_eval_noise_never_moves_the_training_noise():
     assert not torch.equal(a, b)  # fresh noise at every evaluation, not the held training draw
     with_eval.train()
     assert torch.equal(with_eval(x), without(x))  # the training sequence is where it was
+
+
+def test_noise_in_eval_is_seeded_by_the_evaluation_and_leaves_training_alone():
+    x = torch.randn(16, 4)
+    layer, twin = (make_norm("noisy_batch", 4, spatial=False, noise=NoiseConfig(seed=3))
+                   for _ in range(2))
+    for m in (layer, twin):
+        m.train()
+        m(x)
+        resample_noise(m)
+        m.eval()
+    with noise_in_eval(layer, seed=7):
+        a = layer(x)
+    with noise_in_eval(layer, seed=7):
+        again = layer(x)
+    with noise_in_eval(layer, seed=8):
+        other = layer(x)
+    assert torch.equal(a, again) and not torch.equal(a, other)  # the seed decides, not a stream
+    assert not torch.equal(a, layer[0](x))  # the noise is on ...
+    assert torch.equal(layer(x), layer[0](x))  # ... only inside
+    layer.train()
+    twin.train()
+    assert torch.equal(layer(x), twin(x))  # the training sequence is where it was

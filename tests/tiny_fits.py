@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -94,3 +95,30 @@ def rows(run_dir: Path) -> list[dict]:
 def fit(run_dir: Path, *extra: str, steps: int = 20):
     return cli_main(["fit", *TINY, "--trainer.enable_progress_bar=false",
                      f"--trainer.max_steps={steps}", f"--run_dir={run_dir}", *extra])
+
+
+# metrics.csv columns that are wall-clock timings, different in every run however it is run: the
+# instruments' own timers (time/*), and the throughput monitor's clock and rates in training and
+# validation ({train,validate}/time, .../*_per_sec, .../device/*_per_sec)
+TIMINGS = re.compile(r"time/.*|(train|validate)/(time|.*_per_sec)")
+
+
+def metrics(run_dir: Path) -> tuple[list[str], list[dict]]:
+    """metrics.csv's columns and rows, without the wall-clock timings."""
+    with open(run_dir / "metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    columns = [c for c in rows[0] if not TIMINGS.fullmatch(c)]
+    return columns, [{c: r[c] for c in columns} for r in rows]
+
+
+def assert_same_metrics(a: Path, b: Path) -> int:
+    """Both metrics.csv hold the same columns, steps and values, timings aside (bit for bit:
+    the CSV's text). Returns the number of values compared."""
+    (cols_a, rows_a), (cols_b, rows_b) = metrics(a), metrics(b)
+    assert cols_a == cols_b, (a, b, set(cols_a) ^ set(cols_b))
+    assert [r["step"] for r in rows_a] == [r["step"] for r in rows_b], (a, b)
+    for ra, rb in zip(rows_a, rows_b):
+        differ = [c for c in cols_a if ra[c] != rb[c]]
+        assert not differ, (a, b, ra["step"], {c: (ra[c], rb[c]) for c in differ[:5]})
+    assert "train/loss" in cols_a
+    return sum(v != "" for r in rows_a for v in r.values())

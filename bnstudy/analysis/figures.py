@@ -115,30 +115,52 @@ def activations(layers: tuple[int, ...], title: str) -> Callable[[list[Run]], ob
 
 
 def grad_diff_vs_step_size(runs: list[Run]) -> object:
-    """Figure 11: ||grad(W) - grad(W - eta g)|| against eta, early (solid) and last (dashed)
-    probe step, one panel per model."""
+    """Figure 11: ||grad(W) - grad(W - eta g)|| against eta at the first, a middle and the last
+    probe step (after step 0): colour is the norm, shade the step (light early, dark late); the
+    mean over seeds with a min-max band. One panel per model."""
+    from matplotlib.colors import to_rgb
+
     models = sorted({r.model for r in runs})
     fig, axes = panel_grid(len(models))
     for ax, model in zip(axes, models):
-        for i, (label, rs) in enumerate(groups([r for r in runs if r.model == model])):
-            r = rs[0]
-            keys = [k for k in r.keys("landscape/grad_diff/x")]
-            mults = sorted((float(k.rsplit("/x", 1)[1]), k) for k in keys)
-            steps = sorted({s for _, k in mults for s, _ in r.finite(k)})
-            picks = [s for s in steps if s > 0][:1] + steps[-1:]
-            for style, step in zip(("-", "--"), dict.fromkeys(picks)):
-                pts = [(m * r.lr, dict(r.finite(k)).get(step)) for m, k in mults]
-                pts = [(x, y) for x, y in pts if y is not None and y > 0]
-                if pts:
-                    ax.plot(*zip(*pts), style, marker="o", ms=3, color=f"C{i % 10}",
-                            label=f"{label}, step {step}")
+        grouped = groups([r for r in runs if r.model == model])
+        for (label, rs), (color, style) in zip(grouped, styles(grouped)):
+            mults = sorted((float(k.rsplit("/x", 1)[1]), k)
+                           for k in rs[0].keys("landscape/grad_diff/x"))
+            if not mults:
+                continue
+            common = set.intersection(*({s for s, _ in r.finite(mults[0][1])} for r in rs))
+            steps = sorted(s for s in common if s > 0)
+            picks = list(dict.fromkeys(steps[:1] + steps[len(steps) // 2:len(steps) // 2 + 1]
+                                       + steps[-1:]))
+            base = to_rgb(color)
+            for j, step in enumerate(picks):
+                # light to dark: mix the norm's colour with white, less so for later steps
+                mix = 0.6 * (1 - j / max(1, len(picks) - 1))
+                shade = tuple(c + (1 - c) * mix for c in base)
+                xs, mean, lo, hi = [], [], [], []
+                for m, k in mults:
+                    vals = [dict(r.finite(k)).get(step) for r in rs]
+                    vals = [v for v in vals if v is not None and v > 0]
+                    if vals:
+                        xs.append(m * rs[0].lr)
+                        mean.append(sum(vals) / len(vals))
+                        lo.append(min(vals))
+                        hi.append(max(vals))
+                if not xs:
+                    continue
+                seeds = f", {len(rs)} seeds" if len(rs) > 1 else ""
+                ax.plot(xs, mean, style, marker="o", ms=3, color=shade,
+                        label=f"{label}, step {step}{seeds}")
+                if len(rs) > 1:
+                    ax.fill_between(xs, lo, hi, color=shade, alpha=0.2, lw=0)
         ax.set_xscale("log")
         log_y(ax)
         ax.set_xlabel("step size eta")
         ax.set_ylabel("||grad L(W) - grad L(W - eta g)||")
         ax.set_title(model.upper(), fontsize=9)
         ax.grid(alpha=0.3)
-    return finish(fig, "Figure 11: gradient difference vs step size", axes)
+    return finish(fig, "Figure 11: gradient difference vs step size (shade: step)", axes)
 
 
 def _final_metric(run: Run) -> tuple[str, float | None, bool]:
@@ -213,6 +235,9 @@ LANDSCAPE = (Panel("landscape/loss", "loss along the gradient (band over step si
              Panel("landscape/grad_diff", "||grad L(W) - grad L(W - eta g)||", log=True,
                    band=True),
              Panel("landscape/beta_eff", "effective beta-smoothness", log=True))
+RANDOM_LANDSCAPE = tuple(Panel(p.key.replace("landscape/", "landscape_random/"),
+                              p.ylabel.replace("the gradient", "a random direction"), p.log,
+                              p.band) for p in LANDSCAPE)
 ACC = (Panel("train/acc", "train accuracy"), Panel("val/acc", "test accuracy"))
 ICS = (Panel("ics/l2/{layer}", "||G - G'||", log=True), Panel("ics/cos/{layer}", "cos(G, G')"))
 DRIFT = (Panel("act/{layer}/dmean", "|step-to-step change of mean|", log=True),
@@ -263,6 +288,13 @@ FIGURES: list[FigureSpec] = [
                curves(*LANDSCAPE, title="Figure 4: VGG landscape along the gradient"),
                "configs/vgg.yaml and configs/vgg_bn.yaml at lr 0.1 "
                "(sweeps/fig4_landscape_vgg.yaml)", needs=("landscape/beta_eff",)),
+    FigureSpec("fig4_landscape_random_vgg", "Figure 4 along random directions (the paper says "
+                                            "the loss behaves alike there; no figure)",
+               paper_runs("vgg", STD_BN, (0.1,)),
+               curves(*RANDOM_LANDSCAPE, title="VGG landscape along random directions (norm of "
+                                               "the gradient)"),
+               "configs/vgg.yaml and configs/vgg_bn.yaml at lr 0.1 with RandomLandscape",
+               needs=("landscape_random/beta_eff",)),
     FigureSpec("fig5_lp_vgg", "Figure 5: lp normalizations, VGG",
                paper_runs("vgg", LP, (0.1,)),
                curves(*ACC, Panel("train/loss", "train loss", log=True),
@@ -289,11 +321,17 @@ FIGURES: list[FigureSpec] = [
                activations(PAPER_LAYERS["fig9"], "Figure 9: DLN activation distributions"),
                "configs/dln.yaml and configs/dln_bn.yaml at lr 1e-6 "
                "(sweeps/fig10_landscape_dln.yaml)", needs=("act/",)),
-    FigureSpec("fig10_landscape_dln", "Figure 10: DLN loss landscape, BN vs standard",
-               paper_runs("dln", STD_BN, (1e-6,)),
+    FigureSpec("fig10_landscape_dln", "Figure 10: DLN loss landscape, BN vs standard, at lr 1e-6 "
+                                      "and 1e-7",
+               paper_runs("dln", STD_BN, (1e-6, 1e-7)),
                curves(*LANDSCAPE, title="Figure 10: DLN landscape along the gradient"),
-               "configs/dln.yaml and configs/dln_bn.yaml at lr 1e-6 "
+               "configs/dln.yaml and configs/dln_bn.yaml at lr 1e-6 and 1e-7 "
                "(sweeps/fig10_landscape_dln.yaml)", needs=("landscape/beta_eff",)),
+    FigureSpec("fig10_landscape_random_dln", "Figure 10 along random directions",
+               paper_runs("dln", STD_BN, (1e-6, 1e-7)),
+               curves(*RANDOM_LANDSCAPE, title="DLN landscape along random directions"),
+               "configs/dln.yaml and configs/dln_bn.yaml with RandomLandscape",
+               needs=("landscape_random/beta_eff",)),
     FigureSpec("fig11_grad_diff_vs_step", "Figure 11: gradient difference vs step size",
                lambda r: paper_runs("vgg", STD_BN, (0.1,))(r) or paper_runs("dln", STD_BN,
                                                                             (1e-6,))(r),

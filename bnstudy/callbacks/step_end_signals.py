@@ -30,6 +30,7 @@ class StepEndSignals(L.Callback):
 
     - SIGTERM / SIGINT: save last.ckpt, then stop before the next step by raising Interrupted
       (exit 128 + signal). A signal that comes in the fit's last step lets it finish (exit 0).
+      A SIGTERM that came before training began stops it before its first step.
       A second SIGINT while the step finishes interrupts at once (KeyboardInterrupt).
     - Slurm's requeue signal (SIGUSR1, with Lightning's SLURM auto-requeue on): Lightning's own
       handler (hpc checkpoint + `scontrol requeue`), run here; the W&B run is marked preempting so
@@ -60,6 +61,14 @@ class StepEndSignals(L.Callback):
         for signum in self.STOP_SIGNALS:
             self._previous[signum] = signal.getsignal(signum)
             signal.signal(signum, self._defer_stop)
+        # a SIGTERM while the fit started went to Lightning's handler, which would stop the fit
+        # after its first step with a SystemExit of code 0 and no checkpoint: stop before it
+        early = trainer.received_sigterm
+        if trainer.world_size > 1:  # any rank's: all stop
+            early = bool(trainer.strategy.reduce(
+                torch.tensor(float(early), device=pl_module.device), reduce_op="sum") > 0)
+        if early:
+            raise Interrupted(signal.SIGTERM, trainer.global_step, trainer.ckpt_path)
 
     def _defer_requeue(self, signum, frame) -> None:
         self._requeue_signum = signum

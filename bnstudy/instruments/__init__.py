@@ -7,7 +7,7 @@ during training; one Lightning callback, `Instruments`, runs the probes on their
   loss_landscape    landscape, random_landscape, landscape_bruteforce, Landscape, RandomLandscape
   activation_stats  activations, activation_modules, ActivationStats
   curvature         hessian_eigs, hessian_trace, hessian_dense (the twin), Curvature
-  theorem41         bn_modules, bn_gradient_bound, BNGradientBound
+  theorem41         bn_modules, bn_gradient_bound, gradient_projections, BNGradientBound
 
 Shared machinery: state (`measuring`: the model left as found), trace (forward order, layer
 names and numbers), vectors, distributed (DDP averages), hvp (Hessian-vector products, Lanczos,
@@ -22,7 +22,8 @@ from bnstudy.instruments.loss_landscape import (Landscape, RandomLandscape, land
                                                 random_landscape)
 from bnstudy.instruments.probe import Probe, Step, layer_key, layer_keys
 from bnstudy.instruments.state import measuring
-from bnstudy.instruments.theorem41 import BNGradientBound, bn_gradient_bound, bn_modules
+from bnstudy.instruments.theorem41 import (BNGradientBound, bn_gradient_bound, bn_modules,
+                                           gradient_projections)
 from bnstudy.instruments.trace import NORM_LIKE, WEIGHT_LAYERS, LossFn, layer_names, select_layers
 
 __all__ = ["Instruments", "Probe", "Step", "ICS", "Landscape", "RandomLandscape",
@@ -30,7 +31,7 @@ __all__ = ["Instruments", "Probe", "Step", "ICS", "Landscape", "RandomLandscape"
            "measuring", "layer_names", "select_layers", "ics", "ics_bruteforce", "landscape",
            "random_direction", "random_landscape", "landscape_bruteforce", "activation_modules",
            "activations", "hessian_eigs", "hessian_trace", "hessian_dense", "bn_modules",
-           "bn_gradient_bound", "WEIGHT_LAYERS", "NORM_LIKE", "LossFn"]
+           "bn_gradient_bound", "gradient_projections", "WEIGHT_LAYERS", "NORM_LIKE", "LossFn"]
 
 
 def __getattr__(name: str):

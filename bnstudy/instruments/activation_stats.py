@@ -157,7 +157,7 @@ class ActivationStats(Probe):
             metrics[f"{key}/mean"] = float(mean.mean())
             metrics[f"{key}/var"] = float(var.mean())
             if previous is not None and previous[0] == step.index - 1 and n in previous[1]:
-                mean0, var0 = previous[1][n]
+                mean0, var0 = (t.to(mean.device) for t in previous[1][n])
                 metrics[f"{key}/dmean"] = float((mean - mean0).abs().mean())
                 metrics[f"{key}/dvar"] = float((var - var0).abs().mean())
             values = self._values[n][:max(1, self.histogram_units)]
@@ -178,3 +178,17 @@ class ActivationStats(Probe):
         for h in self._hooks or []:
             h.remove()
         self._hooks, self._where, self._step = None, None, None
+
+    def state_dict(self) -> dict:
+        # the moments of step t - 1, recorded for dmean/dvar at a due step t: a run stopped
+        # between the two (its checkpoint is of step t - 1) logs them when it resumes
+        if self._previous is None:
+            return {}
+        index, moments = self._previous
+        return {"previous_step": index,
+                "previous": {n: [mean, var] for n, (mean, var) in moments.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        if "previous" in state:
+            self._previous = (state["previous_step"],
+                              {n: (mean, var) for n, (mean, var) in state["previous"].items()})

@@ -120,6 +120,8 @@ class Instruments(Callback):
         step = self._step
         if step is None:
             return
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        step.loss = loss.detach() if isinstance(loss, torch.Tensor) else None
         for p in self._active:
             self._run(trainer, p, "step_end")
         metrics = dict(self._metrics)

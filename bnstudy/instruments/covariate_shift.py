@@ -1,7 +1,9 @@
 """Internal covariate shift (Definition 2.1, docs/protocol.md section 3): for layer i,
   G  = dL/dW_i at (W_1^t .. W_k^t),
   G' = dL/dW_i at (W_1^{t+1} .. W_{i-1}^{t+1}, W_i^t .. W_k^t), same batch;
-reported as ||G - G'||_2 and cos(G, G'). "Layers before i" are all parameters of the modules that
+reported as ||G - G'||_2, its size relative to the gradient ||G - G'||_2 / ||G||_2 (a network
+whose gradients are 1000x larger has a 1000x larger difference for the same shift) and
+cos(G, G'). "Layers before i" are all parameters of the modules that
 run before layer i (weights, biases, norm affine). `ics` is the fast measurement,
 `ics_bruteforce` the definition written out naively (its twin), `ICS` the probe that logs it."""
 from __future__ import annotations
@@ -30,8 +32,8 @@ def ics(
     grads: Mapping[str, Tensor] | None = None,
     sync: bool | None = None,
 ) -> dict[str, dict[str, float]]:
-    """{layer: {"l2": ||G - G'||, "cos": cos(G, G')}} for the Conv/Linear layers (all, or `layers`:
-    module paths or 1-based numbers).
+    """{layer: {"l2": ||G - G'||, "rel": ||G - G'|| / ||G||, "cos": cos(G, G')}} for the
+    Conv/Linear layers (all, or `layers`: module paths or 1-based numbers).
 
     The model holds W^t; `params_after` maps every parameter name to W^{t+1} (what the optimizer
     produced). `grads` may give G (parameter name -> gradient at W^t on this batch, e.g. the
@@ -111,7 +113,8 @@ def _l2_cos(g: Tensor, g2: Tensor) -> dict[str, float]:
     a, b = g.double().flatten(), g2.double().flatten()
     na, nb = float(a.norm()), float(b.norm())
     cos = float(a @ b) / (na * nb) if na > 0 and nb > 0 else float("nan")
-    return {"l2": float((a - b).norm()), "cos": cos}
+    l2 = float((a - b).norm())
+    return {"l2": l2, "rel": l2 / na if na > 0 else float("nan"), "cos": cos}
 
 
 def _naive_order(model: nn.Module, inputs: Tensor) -> list[str]:
@@ -151,7 +154,8 @@ def ics_bruteforce(model: nn.Module, loss_fn: LossFn, inputs: Tensor, targets: T
 
 class ICS(Probe):
     """Internal covariate shift (Definition 2.1) of `layers` (all Conv/Linear layers if None):
-    logs ics/l2/layerNN = ||G - G'|| and ics/cos/layerNN = cos(G, G') (NN: the layer number).
+    logs ics/l2/layerNN = ||G - G'||, ics/rel/layerNN = ||G - G'|| / ||G|| and
+    ics/cos/layerNN = cos(G, G') (NN: the layer number).
     G is the step's own gradient (`reuse_step_grad`) or recomputed; W^{t+1} is what the optimizer
     produced."""
 
@@ -191,6 +195,7 @@ class ICS(Probe):
         if self._keys is None:
             self._keys = layer_keys(step.net, step.inputs)
         metrics = {f"ics/l2/{self._keys[n]}": v["l2"] for n, v in result.items()}
+        metrics.update({f"ics/rel/{self._keys[n]}": v["rel"] for n, v in result.items()})
         metrics.update({f"ics/cos/{self._keys[n]}": v["cos"] for n, v in result.items()})
         return metrics
 

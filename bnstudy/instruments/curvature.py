@@ -154,13 +154,20 @@ class Curvature(Probe):
     DDP process keeps its own, so the loss is that of the first global batch; saved in
     checkpoints): the sharpness of one fixed loss along the trajectory, as Cohen et al. track it
     on a fixed subset, free of batch-to-batch noise. The warm start then follows one surface and
-    costs about half the products of the step's batch on VGG (bench/bench_curvature.py)."""
+    costs about half the products of the step's batch on VGG (bench/bench_curvature.py).
+
+    `cold_every=K` checks the warm start: at every K-th warm-started measurement (the first one
+    included) Lanczos also runs from a random vector, cold, to the same tolerance. A warm start
+    proves an eigenpair, not the top one: from a vector near a lower eigenvector it can settle
+    there. Logged: curv/cold_lambda_max, curv/cold_hvps and curv/warm_gap = (cold - warm) /
+    |cold| (about 0: the warm start found the top; > 0: it had settled lower). Then
+    curv/lambda_max is the larger of the two, and the next warm start starts from its vectors."""
 
     name = "curv"
 
     def __init__(self, k: int = 1, tol: float = 1e-3, max_iter: int = 50,
                  trace_samples: int = 0, seed: int = 0, fixed_batch: bool = False,
-                 every: int = 100, log_spaced: bool = True, start: int = 0,
+                 cold_every: int = 0, every: int = 100, log_spaced: bool = True, start: int = 0,
                  stop: int | None = None):
         super().__init__(every, log_spaced, start, stop)
         if k < 1:
@@ -168,7 +175,11 @@ class Curvature(Probe):
         if trace_samples == 1 or trace_samples < 0:
             raise ValueError(f"trace_samples must be 0 (off) or >= 2; got {trace_samples}")
         self.k, self.tol, self.max_iter = k, tol, max_iter
+        if cold_every < 0:
+            raise ValueError(f"cold_every must be >= 0 (0: never); got {cold_every}")
         self.trace_samples, self.seed, self.fixed_batch = trace_samples, seed, fixed_batch
+        self.cold_every = cold_every
+        self._warm_measurements = 0  # warm-started measurements so far (cold_every counts them)
         self._vectors: list[dict[str, Tensor]] | None = None  # warm start
         # fixed_batch: every process's (inputs, targets), on the CPU, indexed by rank; all of
         # them so that the checkpoint (written by rank 0) resumes every rank on its own batch
@@ -199,13 +210,26 @@ class Curvature(Probe):
     def before_optimizer_step(self, step: Step) -> dict[str, float]:
         seed = self.seed * 1_000_003 + step.index  # the same on every DDP process
         inputs, targets = self._batch(step)
+        warm = self._vectors is not None
         result = hessian_eigs(step.net, step.loss_fn, inputs, targets, self.k,
-                                     tol=self.tol, max_iter=self.max_iter, init=self._vectors,
-                                     seed=seed, sync=step.sync)
+                              tol=self.tol, max_iter=self.max_iter, init=self._vectors,
+                              seed=seed, sync=step.sync)
+        checks = {}
+        if warm and self.cold_every and self._warm_measurements % self.cold_every == 0:
+            cold = hessian_eigs(step.net, step.loss_fn, inputs, targets, self.k, tol=self.tol,
+                                max_iter=self.max_iter, seed=seed + 1, sync=step.sync)
+            top = cold["eigenvalues"][0]
+            checks = {"curv/cold_lambda_max": top, "curv/cold_hvps": float(cold["hvps"]),
+                      "curv/warm_gap": (top - result["eigenvalues"][0]) / max(abs(top), 1e-30)}
+            if top > result["eigenvalues"][0]:
+                result = cold  # the warm start had settled on a lower eigenvalue
+        if warm and self.cold_every:  # counted only when used: the state stays as before
+            self._warm_measurements += 1
         self._vectors = [{n: t.clone() for n, t in v.items()} for v in result["vectors"]]
         values = result["eigenvalues"]
         metrics = {"curv/lambda_max": values[0], "curv/residual": result["residual"],
-                   "curv/hvps": float(result["hvps"]), "curv/two_over_lr": 2.0 / step.lr}
+                   "curv/hvps": float(result["hvps"]), "curv/two_over_lr": 2.0 / step.lr,
+                   **checks}
         for i, v in enumerate(values[1:], start=2):
             metrics[f"curv/lambda_{i}"] = v
         if self.trace_samples:
@@ -216,11 +240,14 @@ class Curvature(Probe):
 
     def teardown(self) -> None:
         self._vectors = self._batches = None  # the next fit may train another model
+        self._warm_measurements = 0
 
     def state_dict(self) -> dict:
         # the warm start (and the fixed batch) survive a resume
-        return {"vectors": self._vectors, "batches": self._batches}
+        return {"vectors": self._vectors, "batches": self._batches,
+                "warm_measurements": self._warm_measurements}
 
     def load_state_dict(self, state: dict) -> None:
         self._vectors = state.get("vectors")
+        self._warm_measurements = int(state.get("warm_measurements", 0))
         self._batches = state.get("batches") if self.fixed_batch else None

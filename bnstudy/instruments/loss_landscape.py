@@ -153,9 +153,12 @@ class Landscape(Probe):
     """Loss landscape along the step's gradient (section 3.2) at step sizes eta = m x lr for each
     multiple m: `lr_multiples`, or `lr_logspace: [lo, hi, n]` (n log-spaced multiples in
     [lo, hi]). Logs <prefix>/loss_min, loss_max, grad_diff_min, grad_diff_max, beta_eff and the
-    per-step <prefix>/loss/x<m>, grad_diff/x<m>, beta/x<m>."""
+    per-step <prefix>/loss/x<m>, grad_diff/x<m>, beta/x<m>; and landscape/loss_w, the training
+    loss at W itself (the step's own loss, averaged over DDP processes as the probe's losses are),
+    so that the band can be read relative to the loss level."""
 
     name = "landscape"
+    logs_loss = True  # landscape/loss_w (RandomLandscape measures at the same W: once is enough)
 
     def __init__(self, lr_multiples: Sequence[float] = (0.5, 1.0, 2.0, 4.0),
                  lr_logspace: tuple[float, float, int] | None = None,
@@ -169,6 +172,7 @@ class Landscape(Probe):
         if not self.lr_multiples or min(self.lr_multiples) <= 0:
             raise ValueError(f"lr multiples must be > 0; got {self.lr_multiples}")
         self.reuse_step_grad = reuse_step_grad
+        self._measured = False
 
     def measure(self, step: Step, sizes: list[float]) -> dict:
         grads = step.grads if self.reuse_step_grad else None
@@ -183,7 +187,17 @@ class Landscape(Probe):
         for i, m in enumerate(self.lr_multiples):
             for k in ("loss", "grad_diff", "beta"):
                 metrics[f"{p}/{k}/x{m:.3g}"] = result[k][i]
+        self._measured = True
         return metrics
+
+    def step_end(self, step: Step) -> dict[str, float] | None:
+        measured, self._measured = self._measured, False
+        if not (measured and self.logs_loss) or step.loss is None:
+            return None
+        loss = step.loss.float()
+        if step.sync:
+            (loss,) = all_mean([loss])
+        return {"landscape/loss_w": float(loss)}
 
 
 class RandomLandscape(Landscape):
@@ -191,6 +205,7 @@ class RandomLandscape(Landscape):
     direction at every measurement, from seed and step: the same on every DDP process)."""
 
     name = "landscape_random"
+    logs_loss = False
 
     def __init__(self, lr_multiples: Sequence[float] = (0.5, 1.0, 2.0, 4.0),
                  lr_logspace: tuple[float, float, int] | None = None, seed: int = 0,

@@ -37,6 +37,7 @@ class Step:
     sync: bool  # average over DDP processes
     lr: float | None = None  # the optimizer's current lr, known from on_before_optimizer_step
     grads: dict[str, Tensor] | None = None  # the step's .grad, only in on_before_optimizer_step
+    loss: Tensor | None = None  # the training loss of the step (at W^t), known at step_end
     in_training_forward: bool = True  # until on_before_optimizer_step
     # the training forward runs through torch.compile (model.compile): it calls no hooks, so
     # probes that record activations make their own eager forward instead

@@ -101,15 +101,9 @@ def bn_gradient_bound(
     for i, n in enumerate(chosen):
         bn = where[n]
         y, gy, gz = _per_unit(seen[n][0]), _per_unit(grads[2 * i]), _per_unit(grads[2 * i + 1])
-        m = y.shape[0]
-        var = y.var(0, unbiased=False)
-        sigma2 = var + bn.eps
-        y_hat = (y - y.mean(0)) / sigma2.sqrt()
-        gamma = bn.weight.detach().double() if bn.weight is not None else torch.ones_like(var)
-        scale = gamma ** 2 / sigma2
+        t = _unit_terms(y, gz, bn.eps, bn.weight)
+        m, scale, a, b, c, y_hat = t["m"], t["scale"], t["a"], t["b"], t["c"], t["y_hat"]
         lhs = gy.pow(2).sum(0)
-        a, b = gz.pow(2).sum(0), gz.sum(0).pow(2) / m
-        c = (gz * y_hat).sum(0).pow(2)
         rhs_printed = scale * (a - b - c / math.sqrt(m))
         rhs_m = scale * (a - b - c / m)
         rhs_exact = scale * (a - b - 2 * c / m + c * y_hat.pow(2).sum(0) / m ** 2)
@@ -117,19 +111,84 @@ def bn_gradient_bound(
         holds_p = (lhs <= rhs_printed + slack).double().mean()
         holds_m = (lhs <= rhs_m + slack).double().mean()
         sums.append(torch.stack([lhs.sum(), rhs_printed.sum(), rhs_m.sum(), rhs_exact.sum(),
-                                 holds_p, holds_m]))
+                                 holds_p, holds_m, *_projections(t)]))
         sizes.append(m)
     if sync and sums:
         sums = all_mean(sums)
     out = {}
     for n, m, s in zip(chosen, sizes, sums):
-        lhs, rp, rm, re, hp, hm = (float(v) for v in s)
+        lhs, rp, rm, re, hp, hm, scale, pm, py = (float(v) for v in s)
         out[n] = {"m": m, "lhs": lhs, "rhs_printed": rp, "rhs_rederived": rm, "rhs_exact": re,
                   "ratio_printed": lhs / rp if rp != 0 else float("nan"),
                   "ratio_rederived": lhs / rm if rm != 0 else float("nan"),
                   "ratio_exact": lhs / re if re != 0 else float("nan"),
-                  "holds_printed": hp, "holds_rederived": hm}
+                  "holds_printed": hp, "holds_rederived": hm,
+                  "scale": scale, "proj_mean": pm, "proj_yhat": py}
     return out
+
+
+def _unit_terms(y: Tensor, g: Tensor, eps: float, gamma: Tensor | None) -> dict:
+    """Per unit j of (m, units) activations y and gradients g: the batch variance with eps as BN
+    takes it, y-hat, gamma^2 / sigma^2, ||g_j||^2, (1/m) <1, g_j>^2 and <g_j, y-hat_j>^2."""
+    m = y.shape[0]
+    sigma2 = y.var(0, unbiased=False) + eps
+    y_hat = (y - y.mean(0)) / sigma2.sqrt()
+    gamma = torch.ones_like(sigma2) if gamma is None else gamma.detach().double()
+    return {"m": m, "scale": gamma ** 2 / sigma2, "a": g.pow(2).sum(0),
+            "b": g.sum(0).pow(2) / m, "c": (g * y_hat).sum(0).pow(2), "y_hat": y_hat}
+
+
+def _projections(t: dict) -> list[Tensor]:
+    """What Theorem 4.1 says BN does to a gradient, as three numbers: the median over units of
+    gamma^2 / sigma^2 (the factor on ||g||^2), and the two subtracted projections, on 1 and on
+    y-hat (with the re-derived 1/m), each relative to ||g||^2 summed over units."""
+    total = t["a"].sum()
+    rel = lambda v: v.sum() / total if total > 0 else torch.full((), float("nan"),  # noqa
+                                                                   dtype=total.dtype)
+    return [t["scale"].median(), rel(t["b"]), rel(t["c"] / t["m"])]
+
+
+def gradient_projections(
+    model: nn.Module,
+    loss_fn: LossFn,
+    inputs: Tensor,
+    targets: Tensor,
+    layers: Sequence[str | int] | None = None,
+    *,
+    eps: float = 1e-5,
+    sync: bool | None = None,
+) -> dict[str, dict[str, float]]:
+    """Theorem 4.1's quantities on a network without BN: for each chosen Conv/Linear layer
+    (default: all but the last), its output y (the pre-activation) and g = dL/dy, the factor
+    1/sigma_j^2 a BN there would put on the gradient (gamma = 1; its median over units, `scale`)
+    and the two projections it would subtract, (1/m) <1, g_j>^2 and (1/m) <g_j, y-hat_j>^2 summed
+    over units, relative to ||g||^2 (`proj_mean`, `proj_yhat`): how much of this network's
+    gradient lies along what BN removes."""
+    sync = sync_default(sync)
+    names = layer_names(model, inputs)
+    chosen = select_layers(names, layers) if layers is not None else names[:-1]
+    modules = dict(model.named_modules())
+    seen: dict[str, Tensor] = {}
+
+    def keep(name):
+        def hook(module, args, out):
+            seen.setdefault(name, out)
+        return hook
+
+    hooks = [modules[n].register_forward_hook(keep(n)) for n in chosen]
+    try:
+        with measuring(model):
+            loss = loss_fn(model(inputs), targets)
+            grads = torch.autograd.grad(loss, [seen[n] for n in chosen]) if chosen else []
+    finally:
+        for h in hooks:
+            h.remove()
+    rows = [torch.stack(_projections(_unit_terms(_per_unit(seen[n]), _per_unit(g), eps, None)))
+            for n, g in zip(chosen, grads)]
+    if sync and rows:
+        rows = all_mean(rows)
+    return {n: dict(zip(("scale", "proj_mean", "proj_yhat"), (float(v) for v in r)))
+            for n, r in zip(chosen, rows)}
 
 
 class BNGradientBound(Probe):
@@ -137,24 +196,36 @@ class BNGradientBound(Probe):
     of `layers` (all BN layers if None), at W^t on the step's batch: logs
     thm41/<key>/layerNN for key in lhs, rhs_printed (last coefficient 1/sqrt(m), as printed),
     rhs_rederived (1/m), ratio_printed, ratio_rederived (lhs / rhs; <= 1 where the bound holds),
-    holds_printed, holds_rederived (fraction of units where it holds)."""
+    holds_printed, holds_rederived (fraction of units where it holds), and what the theorem says
+    BN does to the gradient: scale (median over units of gamma^2 / sigma^2), proj_mean and
+    proj_yhat (the two subtracted projections relative to ||dL/dz||^2).
+
+    On a network with no BatchNorm (the standard network) it logs scale, proj_mean and proj_yhat
+    of its own pre-activations (`gradient_projections`: what a BN there would do; `layers`
+    default: every layer but the last), so the two networks compare."""
 
     name = "thm41"
     KEYS = ("lhs", "rhs_printed", "rhs_rederived", "ratio_printed", "ratio_rederived",
-            "holds_printed", "holds_rederived")
+            "holds_printed", "holds_rederived", "scale", "proj_mean", "proj_yhat")
 
     def __init__(self, layers: Layers = None, every: int = 100, log_spaced: bool = True,
                  start: int = 0, stop: int | None = None):
         super().__init__(every, log_spaced, start, stop)
         self.layers = None if layers is None else list(layers)
         self._keys: dict[str, str] | None = None
+        self._has_bn: bool | None = None
 
     def before_optimizer_step(self, step: Step) -> dict[str, float]:
-        result = bn_gradient_bound(step.net, step.loss_fn, step.inputs, step.targets,
-                                          self.layers, sync=step.sync)
+        if self._has_bn is None:
+            self._has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm)
+                               for m in step.net.modules())
+        measure = bn_gradient_bound if self._has_bn else gradient_projections
+        result = measure(step.net, step.loss_fn, step.inputs, step.targets, self.layers,
+                         sync=step.sync)
         if self._keys is None:
             self._keys = layer_keys(step.net, step.inputs)
-        return {f"thm41/{k}/{self._keys[n]}": v[k] for n, v in result.items() for k in self.KEYS}
+        return {f"thm41/{k}/{self._keys[n]}": v[k] for n, v in result.items() for k in self.KEYS
+                if k in v}
 
     def teardown(self) -> None:
-        self._keys = None
+        self._keys = self._has_bn = None

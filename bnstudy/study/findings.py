@@ -38,7 +38,7 @@ from bnstudy.analysis.runs import Run
 from bnstudy.data import DigitsData, GaussianRegressionData
 from bnstudy.instruments import BNGradientBound, Curvature, Instruments, Landscape
 from bnstudy.instruments.vectors import total_norm
-from bnstudy.models import DeepLinear, init_weights
+from bnstudy.models import DeepLinear, function_preserving_bn, init_weights
 from bnstudy.modules import DLNModule, VGGModule
 from bnstudy.threads import ThreadsForFit
 
@@ -239,8 +239,10 @@ def part_lemma45(b: dict) -> dict:
     """Lemma 4.5 on a DLN-6 (width 10, mean squared loss, Adam to near-optimum): for each layer
     followed by BN, W0 (init) and W* (where BN training ended: an optimum of the BN net, whose loss
     is invariant to rescaling that layer), the closest rescaled optimum c W*, c = <W0, W*> /
-    ||W*||^2, and the lemma's right-hand side. And the counter-argument's check: is the optimum
-    found without BN an optimum of the BN net (its BN-loss gradient norm)?"""
+    ||W*||^2, and the lemma's right-hand side. And the counter-argument's check: the optimum found
+    without BN, mapped into the BN net so that it computes the same function
+    (models.function_preserving_bn), has the same loss there; its BN-loss gradient norm says
+    whether it is a stationary point of the BN net too."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(1000, 10, generator=g)
     y = x @ torch.randn(10, 10, generator=g).T
@@ -278,21 +280,21 @@ def part_lemma45(b: dict) -> dict:
             bound = dist - (ww - inner) ** 2 / ww
             closest = float((a - inner / ww * w).pow(2).sum())
             layers.append({"inner": inner, "dist": dist, "closest": closest, "bound": bound})
-        # the counter-argument: the no-BN optimum W*, put into the BN net (gamma 1, beta 0)
-        probe = DeepLinear(6, 10, "batch")
-        with torch.no_grad():
-            for lp, lb in zip([m for m in plain.modules() if isinstance(m, torch.nn.Linear)],
-                              [m for m in probe.modules() if isinstance(m, torch.nn.Linear)]):
-                lb.weight.copy_(lp.weight)
-        lbn = loss_fn(probe.train()(x), y)
-        grad = torch.autograd.grad(lbn, list(probe.parameters()))
+        # the counter-argument: the no-BN optimum put into the BN net by the mapping that keeps
+        # its function (gamma_j = the unit's batch std, beta_j = its batch mean): the BN net
+        # reaches the plain optimum's loss there; is that point stationary for the BN net too?
+        mapped = function_preserving_bn(plain, DeepLinear(6, 10, "batch"), x).train()
+        lbn = loss_fn(mapped(x), y)
+        grad = torch.autograd.grad(lbn, list(mapped.parameters()))
+        plain_grad = torch.autograd.grad(loss_fn(plain.train()(x), y), list(plain.parameters()))
         rows.append({"init": scheme, "scale": scale, "loss_bn": loss_bn, "loss_plain": loss_plain,
                      "layers": layers,
                      "closest_over_dist": sum(r["closest"] for r in layers)
                      / sum(r["dist"] for r in layers),
                      "positive_inner": sum(r["inner"] > 0 for r in layers),
                      "bn_loss_at_plain_optimum": float(lbn.detach()),
-                     "bn_grad_norm_at_plain_optimum": total_norm(list(grad))})
+                     "bn_grad_norm_at_plain_optimum": total_norm(list(grad)),
+                     "plain_grad_norm_at_plain_optimum": total_norm(list(plain_grad))})
     return {"rows": rows}
 
 
@@ -517,13 +519,14 @@ def tables(found: dict) -> str:
         out.append("")
     if "lemma45" in found:
         out.append("### lemma45\n\n| init | loss BN | loss plain | layers with <W0,W*> > 0 | "
-                   "sum closest / sum dist | BN loss at the plain optimum | BN grad norm there |"
-                   "\n| --- | --- | --- | --- | --- | --- | --- |")
+                   "sum closest / sum dist | BN loss at the mapped plain optimum | BN grad norm "
+                   "there | plain grad norm there |\n| --- | --- | --- | --- | --- | --- | --- | --- |")
         for r in found["lemma45"]["rows"]:
             out.append(f"| {r['init']} x{r['scale']:g} | {_fmt(r['loss_bn'])} | "
                        f"{_fmt(r['loss_plain'])} | {r['positive_inner']}/{len(r['layers'])} | "
                        f"{_fmt(r['closest_over_dist'])} | {_fmt(r['bn_loss_at_plain_optimum'])} |"
-                       f" {_fmt(r['bn_grad_norm_at_plain_optimum'])} |")
+                       f" {_fmt(r['bn_grad_norm_at_plain_optimum'])} | "
+                       f"{_fmt(r.get('plain_grad_norm_at_plain_optimum'))} |")
     return "\n".join(out)
 
 

@@ -13,7 +13,10 @@ deep linear network runs at the paper's exact size, steps and learning rates.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import faulthandler
 import fnmatch
+import gc
 import json
 import os
 import signal
@@ -21,7 +24,9 @@ import subprocess
 import sys
 import threading
 import time
+import traceback
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -134,56 +139,279 @@ def current_step(run_dir: Path) -> int:
     return max(steps, default=0)
 
 
-# -- running -------------------------------------------------------------------------------------
+# -- running: worker processes -------------------------------------------------------------------
+# A fit's fixed cost is mostly importing Lightning, torch and their dependencies (about 6 s a
+# process here, more beside a busy core): as much as a short run's training. So the plan runs in
+# --jobs worker processes, each started once: a worker imports the fit machinery, then runs the
+# runs it is handed one after another, each through bnstudy.cli.main, the entry point of
+# `python -m bnstudy fit`, with the arguments --dry-run prints. Each run is an ordinary run
+# directory, its output in logs/<name>.log. A run that fails ends its worker (a fresh one takes
+# the next run); a worker that dies (a segfault, the OOM killer) fails only the run it was on.
+
 def child_env(threads: int) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     env.setdefault("WANDB_MODE", "disabled")  # set WANDB_MODE=offline/online to log to W&B too
     return env
 
 
-LIVE: dict[str, subprocess.Popen] = {}  # runs in progress, ended by stop_children on Ctrl-C
-STOPPING = threading.Event()  # set on Ctrl-C: no new run starts
+def _cpu_s() -> float:
+    """CPU time of this process and its reaped children (DDP ranks, if any) so far."""
+    import resource
+
+    return sum(u.ru_utime + u.ru_stime for u in (resource.getrusage(resource.RUSAGE_SELF),
+                                                   resource.getrusage(resource.RUSAGE_CHILDREN)))
 
 
-def stop_children(grace_s: float = 10.0) -> None:
-    """End the runs in progress (their last checkpoint stays: the next invocation resumes)."""
-    STOPPING.set()
-    for proc in list(LIVE.values()):
-        proc.terminate()
-    deadline = time.time() + grace_s
-    for proc in list(LIVE.values()):
+@contextmanager
+def _as_in_a_new_process(torch_rng):
+    """Runs the body as a new `fit` process would, and puts back afterwards what a fit may change
+    process-wide, so that the next run in this process starts from the same state: environment
+    variables (BNSTUDY_RUN_DIR, PL_GLOBAL_SEED, WANDB_MODE), the working directory and sys.path,
+    torch's thread count, default dtype, matmul precision, deterministic and grad modes, its
+    default generator (set to a new process's), signal handlers, warning filters and the record
+    of warnings already shown, sys.stdout/stderr/excepthook (W&B wraps them), and the logging
+    handlers, levels and filters (a handler added by the run is closed)."""
+    import logging
+    import warnings
+
+    import torch
+
+    environ, cwd, path = dict(os.environ), os.getcwd(), sys.path[:]
+    torch_state = (torch.get_num_threads(), torch.get_default_dtype(),
+                   torch.get_float32_matmul_precision(),
+                   torch.are_deterministic_algorithms_enabled(),
+                   torch.is_deterministic_algorithms_warn_only_enabled(), torch.is_grad_enabled())
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)}
+    streams = sys.stdout, sys.stderr, sys.excepthook
+    loggers = [logging.getLogger()] + [lg for lg in logging.Logger.manager.loggerDict.values()
+                                       if isinstance(lg, logging.Logger)]
+    logging_state = {lg: (lg.handlers[:], lg.filters[:], lg.level, lg.propagate, lg.disabled)
+                     for lg in loggers}
+    torch.set_rng_state(torch_rng)
+    try:
+        with warnings.catch_warnings():  # restores the filters; warnings show again next run
+            yield
+    finally:
+        os.environ.clear()
+        os.environ.update(environ)
+        os.chdir(cwd)
+        sys.path[:] = path
+        threads, dtype, matmul, deterministic, warn_only, grad = torch_state
+        torch.set_num_threads(threads)
+        torch.set_default_dtype(dtype)
+        torch.set_float32_matmul_precision(matmul)
+        torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
+        torch.set_grad_enabled(grad)
+        for signum, handler in handlers.items():
+            if handler is not None:
+                signal.signal(signum, handler)
+        sys.stdout, sys.stderr, sys.excepthook = streams
+        for lg in [logging.getLogger()] + [lg for lg in logging.Logger.manager.loggerDict.values()
+                                           if isinstance(lg, logging.Logger)]:
+            kept, filters, level, propagate, disabled = logging_state.get(lg, ([], [], 0, True,
+                                                                                False))
+            for handler in [h for h in lg.handlers if h not in kept]:
+                lg.removeHandler(handler)
+                handler.close()
+            lg.handlers[:], lg.filters[:] = kept, filters
+            lg.level, lg.propagate, lg.disabled = level, propagate, disabled
+        gc.collect()
+
+
+def _fit_here(args: list[str], log: str, header: str, torch_rng) -> tuple[int, dict]:
+    """One `fit` in this process, its output (Python's and C's, fds 1 and 2) appended to `log`.
+    Returns the exit code `python -m bnstudy fit` would have had, and its start-up (seconds to
+    its first training step, wall and CPU: StartupTime's STARTUP; empty if it took none)."""
+    from bnstudy.callbacks.startup_time import STARTUP
+    from bnstudy.cli import main as bnstudy_main
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    between = os.dup(2)  # the worker's own log, between runs
+    fd = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+    STARTUP.clear()
+    try:
+        print(header, flush=True)
+        with _as_in_a_new_process(torch_rng):
+            try:
+                rc = bnstudy_main(args)
+            except SystemExit as stop:  # as the interpreter would exit
+                rc = stop.code if isinstance(stop.code, int) else int(stop.code is not None)
+            except KeyboardInterrupt:
+                traceback.print_exc()
+                rc = 128 + signal.SIGINT
+            except BaseException:  # noqa: BLE001 (any failure is this run's, reported as rc 1)
+                traceback.print_exc()
+                rc = 1
+        return rc, dict(STARTUP)
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.dup2(between, 1)
+        os.dup2(between, 2)
+        os.close(between)
+
+
+def _round(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds, 2)
+
+
+def worker_main() -> int:
+    """A worker process (started by Worker): reads runs as JSON lines on stdin, runs each with
+    _fit_here, answers each with a JSON line on its original stdout. Its stderr (and stdout
+    between runs) is the plan's logs/workers.log."""
+    control = os.fdopen(os.dup(1), "w", buffering=1)
+    os.dup2(2, 1)  # a stray print between runs must not reach the driver's pipe
+    faulthandler.enable()  # a segfault prints its traceback into the log of the run it hit
+    import torch
+
+    import bnstudy.cli  # noqa: F401
+    import bnstudy.lightning_cli  # noqa: F401  (the import every `fit` process pays)
+
+    torch_rng = torch.get_rng_state()  # a new process's default generator, before any run
+    control.write(json.dumps({"ready_cpu_s": _round(_cpu_s())}) + "\n")
+    for line in sys.stdin:
+        task = json.loads(line)
+        cpu, start = _cpu_s(), time.perf_counter()
+        rc, startup = _fit_here(task["args"], task["log"], task["header"], torch_rng)
+        wall = time.perf_counter() - start
+        with open(task["log"], "a") as f:
+            f.write(f"bnstudy reproduce: exit code {rc} after {wall:.1f} s\n")
+        control.write(json.dumps({
+            "rc": rc, "wall_s": round(wall, 1), "cpu_s": round(_cpu_s() - cpu, 1),
+            "cpu_total_s": _cpu_s(), "startup_s": _round(startup.get("fit_s")),
+            "startup_cpu_s": _round(startup.get("fit_cpu_s"))}) + "\n")
+    return 0
+
+
+class Worker:
+    """A worker process (worker_main) and the pipes to it. A worker belongs to one thread of
+    run_all, which hands it one run at a time."""
+
+    def __init__(self, out: Path, threads: int):
+        started = time.perf_counter()
+        with open(out / "logs" / "workers.log", "a") as log:
+            code = f"import sys; from {__name__} import worker_main; sys.exit(worker_main())"
+            self.proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE,
+                                         stdout=subprocess.PIPE, stderr=log,
+                                         env=child_env(threads), text=True)
+        LIVE.add(self)
+        self.runs, self.cpu_s = 0, 0.0  # runs handed to it; its CPU time at its last answer
+        self.exit_code: int | None = None
+        self.lost_cpu_s = 0.0  # CPU time of a run it died in
+        ready = self._answer() or {}
+        self.ready_s = _round(time.perf_counter() - started) if ready else None
+        self.ready_cpu_s = ready.get("ready_cpu_s")  # its imports, paid once for all its runs
+        if not ready:
+            self.lost_cpu_s = self._reap()
+
+    def _answer(self) -> dict | None:
+        line = self.proc.stdout.readline()
+        return json.loads(line) if line else None
+
+    def run(self, args: list[str], log: Path, header: str) -> dict | None:
+        """The worker's answer for this run, or None when it died (exit_code says how)."""
+        self.runs += 1
+        if self.exit_code is not None:  # it died before it was ready
+            return None
         try:
-            proc.wait(max(0.1, deadline - time.time()))
+            self.proc.stdin.write(json.dumps({"args": args, "log": str(log),
+                                              "header": header}) + "\n")
+            self.proc.stdin.flush()
+            answer = self._answer()
+        except (BrokenPipeError, OSError):
+            answer = None
+        if answer is None:
+            self.lost_cpu_s = self._reap()
+            return None
+        self.cpu_s = answer.pop("cpu_total_s")
+        return answer
+
+    def _reap(self) -> float:
+        """Wait for the dead worker; its exit code, and the CPU time it used after its last
+        answer (wait4: its own rusage, which Popen.wait would discard)."""
+        try:
+            _, status, usage = os.wait4(self.proc.pid, 0)
+            self.proc.returncode = self.exit_code = os.waitstatus_to_exitcode(status)
+            return max(0.0, usage.ru_utime + usage.ru_stime - self.cpu_s)
+        except ChildProcessError:  # reaped already
+            self.exit_code = self.proc.returncode
+            return 0.0
+        finally:
+            LIVE.discard(self)
+
+    def close(self, timeout: float = 60.0) -> None:
+        """End the worker: no more runs (it exits at the end of its input), killed if it hangs."""
+        with contextlib.suppress(OSError):
+            self.proc.stdin.close()
+        try:
+            self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
-            proc.kill()
+            self.proc.kill()
+            self.proc.wait()
+        LIVE.discard(self)
 
 
-def run_one(run: PlannedRun, out: Path, steps_scale: float, threads: int) -> dict:
+LIVE: set[Worker] = set()  # workers alive, stopped by stop_workers
+STOPPING = threading.Event()  # set on SIGTERM/SIGINT: no new run starts
+STOP_SIGNAL: list[int] = []  # the signals the driver got
+
+
+def stop_workers(grace_s: float = 60.0) -> None:
+    """Ask every worker's run in progress to stop (SIGTERM: it stops at the end of its step with
+    a checkpoint, and the next invocation resumes it); kill the workers still there after
+    `grace_s`. A run that got the signal itself (a kill of the process group, Ctrl-C) stops the
+    same way: a second SIGTERM changes nothing."""
+    STOPPING.set()
+    for worker in list(LIVE):
+        with contextlib.suppress(ProcessLookupError):
+            worker.proc.send_signal(signal.SIGTERM)
+    deadline = time.time() + grace_s
+    while LIVE and time.time() < deadline:
+        time.sleep(0.1)
+    for worker in list(LIVE):
+        with contextlib.suppress(ProcessLookupError):
+            worker.proc.kill()
+
+
+def _on_stop_signal(signum, frame) -> None:
+    STOP_SIGNAL.append(signum)
+    if STOPPING.is_set():  # asked twice: do not wait for the runs' steps
+        for worker in list(LIVE):
+            with contextlib.suppress(ProcessLookupError):
+                worker.proc.kill()
+    STOPPING.set()
+
+
+def run_one(run: PlannedRun, out: Path, steps_scale: float, worker: Worker) -> dict:
     run_dir = out / "runs" / run.name
     if (run_dir / "done.json").exists():  # finished at another step count: kept, set aside
         old = json.loads((run_dir / "done.json").read_text()).get("steps", "other")
         run_dir.rename(run_dir.with_name(f"{run.name}.{old}-steps"))
     run_dir.mkdir(parents=True, exist_ok=True)
     log = out / "logs" / f"{run.name}.log"
-    log.parent.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "bnstudy", *run.fit_args(run_dir, steps_scale)]
-    if STOPPING.is_set():
-        return {"name": run.name, "rc": 130, "wall_s": 0.0, "cpu_s": 0.0, "log": str(log)}
+    args = run.fit_args(run_dir, steps_scale)
+    command = " ".join(["python", "-m", "bnstudy", *args])
+    result = {"name": run.name, "command": command, "log": str(log),
+              "steps": max(2, round(run.steps * steps_scale)), "worker": worker.proc.pid,
+              "worker_run": worker.runs + 1}
     start = time.perf_counter()
-    with open(log, "a") as f:
-        proc = LIVE[run.name] = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT,
-                                                 env=child_env(threads))
-        try:
-            # wait4: this child's own CPU time, which on a busy machine says what an idle one needs
-            _, status, usage = os.wait4(proc.pid, 0)
-            proc.returncode = rc = os.waitstatus_to_exitcode(status)
-        finally:
-            LIVE.pop(run.name, None)
-    result = {"name": run.name, "rc": rc, "wall_s": round(time.perf_counter() - start, 1),
-              "cpu_s": round(usage.ru_utime + usage.ru_stime, 1),
-              "command": " ".join(["python", *cmd[1:]]), "log": str(log)}
-    result["steps"] = max(2, round(run.steps * steps_scale))
-    if rc == 0:
+    answer = worker.run(args, log, f"bnstudy reproduce: worker pid {worker.proc.pid}, its run "
+                                   f"{worker.runs + 1}:\n$ {command}")
+    if answer is None:  # the worker died in this run
+        code, cpu = worker.exit_code, worker.lost_cpu_s
+        why = (f"killed by {signal.Signals(-code).name}" if code is not None and code < 0
+               else f"exit code {code}") + (": out of memory?" if code == -signal.SIGKILL else "")
+        with open(log, "a") as f:
+            f.write(f"bnstudy reproduce: the worker process running this run died ({why})\n")
+        answer = {"rc": code if code is not None else 1,
+                  "wall_s": round(time.perf_counter() - start, 1), "cpu_s": round(cpu, 1),
+                  "startup_s": None, "startup_cpu_s": None}
+    result.update(answer)
+    if result["rc"] == 0:
         (run_dir / "done.json").write_text(json.dumps(result, indent=1) + "\n")
     return result
 
@@ -197,7 +425,10 @@ def finished(done: Path, steps: int) -> bool:
     return json.loads(done.read_text()).get("steps", steps) == steps
 
 
-def run_all(runs: list[PlannedRun], out: Path, steps_scale: float, jobs: int, threads: int) -> list[dict]:
+def run_all(runs: list[PlannedRun], out: Path, steps_scale: float, jobs: int, threads: int,
+            runs_per_worker: int = 0) -> tuple[list[dict], list[dict]]:
+    """Run `runs` in `jobs` worker processes; returns the runs' results (those skipped as
+    finished included) and the workers' start-up times. Stops early when STOPPING is set."""
     from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
                                TimeElapsedColumn)
 
@@ -208,16 +439,23 @@ def run_all(runs: list[PlannedRun], out: Path, steps_scale: float, jobs: int, th
             results.append({**json.loads(done.read_text()), "skipped": True})
         else:
             todo.append(run)
+    (out / "logs").mkdir(parents=True, exist_ok=True)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                TimeElapsedColumn())
+    workers: list[dict] = []
     with Progress(*columns, refresh_per_second=2) as progress:
         for r in results:
             progress.console.print(f"[dim]skipped {r['name']} (finished earlier: "
                                    f"{result_line(out / 'runs' / r['name'])})[/dim]")
         overall = progress.add_task("runs", total=len(runs), completed=len(results))
         active: dict[str, tuple[int, Path, int]] = {}
+        queue, lock = list(todo), threading.Lock()
 
-        def start(run: PlannedRun) -> dict:
+        def next_run() -> PlannedRun | None:
+            with lock:
+                return queue.pop(0) if queue and not STOPPING.is_set() else None
+
+        def start(run: PlannedRun, worker: Worker) -> dict:
             done = out / "runs" / run.name / "done.json"
             if finished(done, max(2, round(run.steps * steps_scale))):  # finished meanwhile by another invocation (e.g. an --only one)
                 progress.console.print(f"[dim]skipped {run.name} (finished meanwhile)[/dim]")
@@ -226,32 +464,59 @@ def run_all(runs: list[PlannedRun], out: Path, steps_scale: float, jobs: int, th
             steps = max(2, round(run.steps * steps_scale))
             task = progress.add_task(f"  {run.name}", total=steps)
             active[run.name] = (task, out / "runs" / run.name, steps)
-            result = run_one(run, out, steps_scale, threads)
+            result = run_one(run, out, steps_scale, worker)
             del active[run.name]
             progress.remove_task(task)
-            status = (result_line(out / "runs" / run.name) if result["rc"] == 0
-                      else f"[red]FAILED rc={result['rc']}, see {result['log']}[/red]")
+            if result["rc"] == 0:
+                status = result_line(out / "runs" / run.name)
+            elif STOPPING.is_set():
+                status = "stopped, resumes when you run this again"
+            else:
+                status = f"[red]FAILED rc={result['rc']}, see {result['log']}[/red]"
             progress.console.print(f"{'done' if result['rc'] == 0 else 'fail'} {run.name} "
                                    f"{result['wall_s']:.0f} s: {status}")
             progress.advance(overall)
             return result
 
+        def serve() -> list[dict]:
+            """One worker's share: runs from the queue until it is empty. A worker whose run
+            failed (or that ran runs_per_worker runs) is ended; the next run gets a new one."""
+            mine, worker = [], None
+            try:
+                while (run := next_run()) is not None:
+                    if worker is None:
+                        worker = Worker(out, threads)
+                        workers.append({"pid": worker.proc.pid, "ready_s": worker.ready_s,
+                                        "ready_cpu_s": worker.ready_cpu_s})
+                    result = start(run, worker)
+                    mine.append(result)
+                    if result.get("skipped"):
+                        continue
+                    if (worker.exit_code is not None or result["rc"] != 0
+                            or worker.runs == runs_per_worker):
+                        worker.close()
+                        worker = None
+            finally:
+                if worker is not None:
+                    worker.close()
+            return mine
+
         pool = ThreadPoolExecutor(max_workers=jobs)
-        futures = [pool.submit(start, run) for run in todo]
-        try:
-            while not all(f.done() for f in futures):
-                for task, run_dir, steps in list(active.values()):
-                    progress.update(task, completed=min(current_step(run_dir), steps))
-                time.sleep(1.0)
-        except KeyboardInterrupt:
-            pool.shutdown(wait=False, cancel_futures=True)
-            stop_children()
-            progress.console.print("interrupted: finished runs are kept, the runs in progress "
-                                   "resume from their last checkpoint when you run this again")
-            raise
+        futures = [pool.submit(serve) for _ in range(min(jobs, len(todo)))]
+        while not all(f.done() for f in futures):
+            for task, run_dir, steps in list(active.values()):
+                progress.update(task, completed=min(current_step(run_dir), steps))
+            if STOPPING.wait(1.0):
+                progress.console.print(
+                    f"stopping ({signal.Signals(STOP_SIGNAL[0]).name}): the runs in progress "
+                    "stop at the end of a step with a checkpoint; finished runs are kept, and "
+                    "the rest resumes when you run this again")
+                stop_workers()
+                break
         pool.shutdown()
-        results += [f.result() for f in futures]
-    return results
+        for f in futures:
+            results += f.result()
+    return results, workers
 
 
 def write_report(run_dirs: list[Path], out: Path):
@@ -340,7 +605,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="multiply every run's steps (e.g. 0.01 for a smoke test; at least 2)")
     parser.add_argument("--only", default="",
                         help="comma-separated run names or globs (e.g. 'dln_*,vgg_bn_lr0.1')")
-    parser.add_argument("--jobs", type=int, default=2, help="runs at a time (default 2)")
+    parser.add_argument("--jobs", type=int, default=2,
+                        help="runs at a time (default 2): worker processes, each started once, "
+                             "that run their runs one after another")
+    parser.add_argument("--runs-per-worker", type=int, default=0, metavar="N",
+                        help="end a worker after N runs, a new one takes the next (default 0: "
+                             "no limit; 1: a new process for every run)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads per run (default 1: two 1-thread runs use 2 cores "
                              "better than one 2-thread run on these small models)")
@@ -350,8 +620,9 @@ def main(argv: list[str] | None = None) -> int:
                              "docs/results for docs/RESULTS.md")
     parser.add_argument("--dry-run", action="store_true", help="print the fit commands and stop")
     args = parser.parse_args(argv)
-    if args.steps_scale <= 0 or args.jobs < 1 or args.threads < 1:
-        parser.error("--steps-scale must be > 0, --jobs and --threads >= 1")
+    if args.steps_scale <= 0 or args.jobs < 1 or args.threads < 1 or args.runs_per_worker < 0:
+        parser.error("--steps-scale must be > 0, --jobs and --threads >= 1, --runs-per-worker "
+                     ">= 0")
     runs = PLANS[args.plan]()
     if args.only:
         patterns = [p.strip() for p in args.only.split(",") if p.strip()]
@@ -366,11 +637,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     args.out.mkdir(parents=True, exist_ok=True)
     started, load = time.time(), os.getloadavg()
-    signal.signal(signal.SIGTERM, signal.default_int_handler)  # `kill` ends the runs too
-    try:
-        results = run_all(runs, args.out, args.steps_scale, args.jobs, args.threads)
-    except KeyboardInterrupt:
-        return 130
+    for signum in (signal.SIGTERM, signal.SIGINT):  # `kill` and Ctrl-C stop the runs too
+        signal.signal(signum, _on_stop_signal)
+    results, workers = run_all(runs, args.out, args.steps_scale, args.jobs, args.threads,
+                               args.runs_per_worker)
+    if STOPPING.is_set():  # as `fit` does: the exit code of the signal
+        return 128 + STOP_SIGNAL[0]
     runs_wall = time.time() - started
     # a run that failed before its first step has no metrics.csv: the report takes the others
     logged = [args.out / "runs" / r.name for r in runs
@@ -384,9 +656,14 @@ def main(argv: list[str] | None = None) -> int:
               "cpu_count": os.cpu_count(), "loadavg_at_start": [round(x, 2) for x in load],
               "loadavg_at_end": [round(x, 2) for x in os.getloadavg()],
               "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
-              "runs": {r["name"]: {k: r[k] for k in ("rc", "wall_s", "cpu_s") if k in r}
-                       | {"skipped": bool(r.get("skipped"))} for r in results}}
-    timing["cpu_s"] = round(sum(r.get("cpu_s", 0) for r in results if not r.get("skipped")), 1)
+              "runs": {r["name"]: {k: r[k] for k in ("rc", "wall_s", "cpu_s", "startup_s",
+                                                         "startup_cpu_s")
+                                   if k in r} | {"skipped": bool(r.get("skipped"))}
+                       for r in results},
+              "workers": workers}
+    # CPU time in the runs, and in the workers' start-ups (each paid once for all its runs)
+    timing["cpu_s"] = round(sum(r.get("cpu_s", 0) for r in results if not r.get("skipped"))
+                            + sum(w["ready_cpu_s"] or 0 for w in workers), 1)
     # every invocation is kept: a rerun that only redraws the report must not replace the time
     # of the one that ran the plan
     path = args.out / "timing.json"

@@ -11,12 +11,13 @@ import sys
 import time
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 
-from bnstudy.cli import cli_main
+from bnstudy.cli import cli_main, main
 from conftest import REPO
-from tiny_fits import ENV, TINY, assert_identical, rows
+from tiny_fits import ENV, TINY, assert_identical, assert_same_metrics, rows
 
 pytestmark = pytest.mark.slow
 
@@ -81,11 +82,39 @@ def test_killed_run_reports_it_and_every_resume_ends_bit_identical(quiet):
     assert a["state_dict"].keys() == b["state_dict"].keys()
     for key, value in a["state_dict"].items():
         assert_identical(value, b["state_dict"][key], key)  # noisy BN's generators too
-    whole_rows, killed_rows = rows(whole), rows(run_dir)
-    assert [r["step"] for r in killed_rows] == [r["step"] for r in whole_rows]  # one row a step
-    assert len({r["step"] for r in killed_rows}) == len(killed_rows)
-    for column in ("train/loss", "val/acc", "val/loss"):
-        assert [r[column] for r in killed_rows] == [r[column] for r in whole_rows], column
+    killed_rows = rows(run_dir)
+    assert len({r["step"] for r in killed_rows}) == len(killed_rows)  # one row a step
+    assert_same_metrics(whole, run_dir)  # every value, probes and counters too, timings aside
     best = sorted(p.name for p in last.parent.glob("best-*.ckpt"))
     assert best == sorted(p.name for p in (whole / "checkpoints").glob("best-*.ckpt"))
     assert len(best) == 1
+
+
+class SigtermInSanityCheck(L.Callback):
+    """Sends its own process SIGTERM in the sanity check: Lightning's SIGTERM handler is up,
+    bnstudy's (StepEndSignals, from the start of training) not yet."""
+
+    def on_validation_batch_start(self, trainer, *args) -> None:
+        if trainer.sanity_checking:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+@pytest.mark.parametrize("data", ["digits", "cifar"])
+def test_sigterm_before_training_began_is_exit_143_not_a_finished_run(quiet, capsys, data,
+                                                                       request):
+    """SIGTERM before training began goes to Lightning's handler, whose SIGTERMException, a
+    SystemExit without a code, would end the process with exit code 0 (and `reproduce` would take
+    the run as finished): raised in the sanity check when validation has batches left (cifar:
+    several), else after the first training step, without a checkpoint (digits: one validation
+    batch). Both stop with 143, before any step: the new run directory is removed."""
+    run_dir = quiet / "run"
+    extra = []
+    if data == "cifar":
+        root = request.getfixturevalue("tiny_cifar")
+        extra = ["--data=bnstudy.data.CIFAR10Data", f"--data.root={root}",
+                 "--data.download=false", "--data.batch_size=16", "--data.eval_batch_size=8"]
+    rc = main(["fit", *TINY, *extra, "--trainer.max_steps=5", f"--run_dir={run_dir}",
+               "--trainer.callbacks+=test_step_end_signals.SigtermInSanityCheck"])
+    assert rc == 128 + signal.SIGTERM
+    assert "bnstudy: stopped by SIGTERM" in capsys.readouterr().err
+    assert not run_dir.exists()  # it never took a step: nothing is left

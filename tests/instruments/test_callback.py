@@ -3,6 +3,7 @@ numbers as the brute-force twins on the step's own batch, W^t and W^{t+1}; train
 logs at the probe steps; bf16; the paper's YAML configs."""
 from __future__ import annotations
 
+import copy
 import math
 import os
 
@@ -59,6 +60,7 @@ def test_callback_equals_twins_on_the_step_batch_and_the_optimizers_update(optim
         for layer, v in ics.items():
             key = f"layer{names.index(layer) + 1:02d}"
             assert metrics[f"ics/l2/{key}"] == pytest.approx(v["l2"], rel=1e-5, abs=1e-12)
+            assert metrics[f"ics/rel/{key}"] == pytest.approx(v["rel"], rel=1e-5, abs=1e-12)
             assert metrics[f"ics/cos/{key}"] == pytest.approx(v["cos"], rel=1e-5, abs=1e-5)
         assert sum(k.startswith("ics/l2/") for k in metrics) == 14
         land = probes.landscape_bruteforce(r["net"], module.loss_fn, x, y,
@@ -66,6 +68,9 @@ def test_callback_equals_twins_on_the_step_batch_and_the_optimizers_update(optim
         for key in ("loss_min", "loss_max", "grad_diff_min", "grad_diff_max", "beta_eff"):
             assert metrics[f"landscape/{key}"] == pytest.approx(land[key], rel=1e-5)
         assert metrics["landscape/loss/x2"] == pytest.approx(land["loss"][1], rel=1e-5)
+        # the loss at W itself, on the step's batch with its noise (a copy: BN buffers move)
+        loss_w = float(module.loss_fn(copy.deepcopy(r["net"]).train()(x), y))
+        assert metrics["landscape/loss_w"] == pytest.approx(loss_w, rel=1e-6)
         assert metrics["time/ics"] > 0 and metrics["time/landscape"] > 0
 
 
@@ -83,7 +88,8 @@ def test_values_reach_the_csv_at_the_probe_steps_whatever_the_log_cadence(tmp_pa
     row = next(r for r in rows if r.get("ics/l2/layer02") and int(r["step"]) == 4)
     assert float(row["ics/cos/layer14"]) <= 1 and float(row["time/ics"]) > 0  # "classifier"
     assert sorted(k for k in row if k.startswith("ics/")) == [  # layer subset honoured
-        "ics/cos/layer02", "ics/cos/layer14", "ics/l2/layer02", "ics/l2/layer14"]
+        "ics/cos/layer02", "ics/cos/layer14", "ics/l2/layer02", "ics/l2/layer14",
+        "ics/rel/layer02", "ics/rel/layer14"]
     assert all(k in rows[0] for k in ("landscape/loss_min", "landscape/loss_max",
                                       "landscape/grad_diff_min", "landscape/grad_diff_max",
                                       "landscape/loss/x4", "time/landscape"))

@@ -12,7 +12,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from bnstudy import probes
-from bnstudy.instruments import BNGradientBound, Curvature, Instruments, Landscape
+from bnstudy.instruments import BNGradientBound, Curvature, Instruments, Landscape, Step
 from bnstudy.modules import DLNModule
 from cases import LIGHTNING_NOISE, TWINS, Recorder, same_state, trainer
 
@@ -73,6 +73,27 @@ def test_warm_start_converges_in_fewer_products():
     moved_cold = probes.hessian_eigs(model, loss_fn, x, y, tol=1e-4)
     assert moved["hvps"] < moved_cold["hvps"]
     assert moved["eigenvalues"][0] == pytest.approx(moved_cold["eigenvalues"][0], rel=1e-4)
+
+
+@pytest.mark.parametrize("cold_every", [0, 1])
+def test_the_cold_check_catches_a_warm_start_on_the_second_eigenvalue(cold_every):
+    """A warm start planted exactly on the second eigenvector: Lanczos stops at once on lambda_2
+    (an invariant subspace, residual 0). Only the cold check sees that the top is 4, not 2.5."""
+    model, loss_fn, x, y, hess, q = quadratic(SPECTRUM)
+    probe = Curvature(cold_every=cold_every, tol=1e-10, max_iter=20)
+    probe._vectors = [{"w": q[:, 1].clone()}]
+    step = Step(index=5, net=model, loss_fn=loss_fn, inputs=x, targets=y, sync=False, lr=0.1)
+    metrics = probe.before_optimizer_step(step)
+    if not cold_every:  # unchecked, the planted warm start is reported as the top
+        assert metrics["curv/lambda_max"] == pytest.approx(2.5, rel=1e-9)
+        assert "curv/warm_gap" not in metrics
+        return
+    assert metrics["curv/cold_lambda_max"] == pytest.approx(4.0, rel=1e-9)
+    assert metrics["curv/warm_gap"] == pytest.approx((4.0 - 2.5) / 4.0, rel=1e-6)
+    assert metrics["curv/lambda_max"] == pytest.approx(4.0, rel=1e-9)
+    # the next warm start starts from the top eigenvector, and the check's schedule is kept
+    assert abs(float(probe._vectors[0]["w"] @ q[:, 0])) == pytest.approx(1, rel=1e-9)
+    assert probe.state_dict()["warm_measurements"] == 1
 
 
 def test_bad_arguments_say_what_is_wrong():

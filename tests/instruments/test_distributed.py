@@ -171,7 +171,7 @@ def test_probes_agree_across_ranks_and_with_one_process(tmp_path):
     assert [s for s, _ in history] == [0, 1, 2]
     # keys name the paper's layer numbers (6 layers), not module paths
     assert {k for k in history[0][1] if k.startswith(("ics/", "act/"))} == (
-        {f"ics/{m}/layer0{i}" for m in ("l2", "cos") for i in range(1, 7)}
+        {f"ics/{m}/layer0{i}" for m in ("l2", "rel", "cos") for i in range(1, 7)}
         | {f"act/layer0{i}/{s}" for i in range(1, 7)
            for s in ("mean", "var", "q05", "q25", "q50", "q75", "q95")})  # no dmean at step 0
     assert history[0][1]["curv/lambda_max"] > 0

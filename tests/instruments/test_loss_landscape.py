@@ -74,6 +74,7 @@ def test_dln_module_with_log_spaced_step_sizes():
     metrics = inst.history[-1][1]
     # layers 9, 17 (layers.16, layers.32 with BN)
     assert sorted(k for k in metrics if k.startswith("ics/")) == [
-        "ics/cos/layer09", "ics/cos/layer17", "ics/l2/layer09", "ics/l2/layer17"]
+        "ics/cos/layer09", "ics/cos/layer17", "ics/l2/layer09", "ics/l2/layer17",
+        "ics/rel/layer09", "ics/rel/layer17"]
     assert metrics["landscape/loss_max"] >= metrics["landscape/loss_min"]
     assert all(math.isfinite(v) for v in metrics.values())

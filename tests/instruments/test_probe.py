@@ -24,7 +24,7 @@ def test_norm_variants_log_the_same_keys_per_layer_number(model):
     assert runs["batch"][0] == runs["none"][0]
     numbers = [f"layer{i:02d}" for i in range(1, count + 1)]
     stats = ("mean", "var", "dmean", "dvar", "q05", "q25", "q50", "q75", "q95")
-    assert runs["none"][0] == ({f"ics/{m}/{n}" for m in ("l2", "cos") for n in numbers}
+    assert runs["none"][0] == ({f"ics/{m}/{n}" for m in ("l2", "rel", "cos") for n in numbers}
                                | {f"act/{n}/{s}" for n in numbers for s in stats})
     for norm, (_, metrics) in runs.items():  # layer01 is the first layer: G' = G
         assert metrics["ics/l2/layer01"] == 0, norm

@@ -66,6 +66,43 @@ def test_theorem_4_1_both_sides_equal_the_closed_form(eps):
         assert r["ratio_rederived"] < 1 - 1e-4
 
 
+def test_what_bn_does_to_the_gradient_equals_the_closed_form():
+    """scale (median gamma^2 / sigma^2) and the two projections relative to ||dL/dz||^2."""
+    model, loss_fn, x, t = one_bn_layer(1e-2)
+    w1, w2 = model[0].weight.detach().numpy(), model[2].weight.detach().numpy()
+    gamma, beta = model[1].weight.detach().numpy(), model[1].bias.detach().numpy()
+    y = x.numpy() @ w1.T
+    m, sigma2 = len(y), y.var(0) + 1e-2
+    y_hat = (y - y.mean(0)) / np.sqrt(sigma2)
+    g = ((gamma * y_hat + beta) @ w2.T - t.numpy()) @ w2
+    r = probes.bn_gradient_bound(model, loss_fn, x, t)["0"]
+    assert r["scale"] == pytest.approx(np.median(gamma ** 2 / sigma2), rel=1e-12)
+    assert r["proj_mean"] == pytest.approx((g.sum(0) ** 2 / m).sum() / (g ** 2).sum(), rel=1e-12)
+    assert r["proj_yhat"] == pytest.approx(((g * y_hat).sum(0) ** 2 / m).sum() / (g ** 2).sum(),
+                                           rel=1e-12)
+
+
+def test_the_standard_network_gets_the_same_quantities_of_its_own_pre_activations():
+    """Without BN: y = W1 x, out = W2 relu(y); g = dL/dy in closed form, gamma = 1."""
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(4, 3, bias=False), nn.ReLU(),
+                          nn.Linear(3, 2, bias=False)).double()
+    x, t = torch.randn(12, 4, dtype=torch.float64), torch.randn(12, 2, dtype=torch.float64)
+    loss_fn = lambda o, tt: 0.5 * (o - tt).pow(2).sum()  # noqa: E731
+    result = probes.gradient_projections(model, loss_fn, x, t, eps=1e-5)
+    assert list(result) == ["0"]  # every layer but the last
+    w1, w2 = model[0].weight.detach().numpy(), model[2].weight.detach().numpy()
+    y = x.numpy() @ w1.T
+    g = ((np.maximum(y, 0) @ w2.T - t.numpy()) @ w2) * (y > 0)
+    sigma2 = y.var(0) + 1e-5
+    y_hat = (y - y.mean(0)) / np.sqrt(sigma2)
+    r = result["0"]
+    assert r["scale"] == pytest.approx(np.median(1 / sigma2), rel=1e-12)
+    assert r["proj_mean"] == pytest.approx((g.sum(0) ** 2 / 12).sum() / (g ** 2).sum(), rel=1e-12)
+    assert r["proj_yhat"] == pytest.approx(((g * y_hat).sum(0) ** 2 / 12).sum() / (g ** 2).sum(),
+                                           rel=1e-12)
+
+
 def test_theorem_4_1_on_conv_layers_counts_positions_as_samples():
     """BatchNorm2d: a unit's m samples are batch x height x width; the exact identity holds."""
     model, loss_fn, x, y = conv_bn()

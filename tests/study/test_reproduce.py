@@ -2,16 +2,24 @@
 them end to end with a tiny step budget, skips finished runs on a rerun and writes the report."""
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import random
+import signal
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 import yaml
 
+import wandb_records
 from bnstudy.lightning_cli import parse_only
-from bnstudy.study.reproduce import DLN_STEPS, mini_runs
+from bnstudy.study.reproduce import DLN_STEPS, child_env, mini_runs
 from conftest import REPO
+from tiny_fits import assert_same_metrics, read_metrics
 
 
 def test_mini_plan_is_the_papers_grid(tmp_path):
@@ -39,10 +47,10 @@ def test_mini_plan_is_the_papers_grid(tmp_path):
                for m, _, d in vgg.values())
 
 
-def reproduce(out, *args, timeout=300):
+def reproduce(out, *args, timeout=300, env=None):
     return subprocess.run([sys.executable, "-m", "bnstudy", "reproduce", "mini", "--out", str(out),
                            "--only", "dln_bn_lr1e-6,vgg_lr0.5", "--steps-scale", "0.0005", *args],
-                          capture_output=True, text=True, timeout=timeout, cwd=REPO)
+                          capture_output=True, text=True, timeout=timeout, cwd=REPO, env=env)
 
 
 def test_driver_runs_skips_finished_runs_and_writes_the_report(tmp_path):
@@ -101,3 +109,106 @@ def test_driver_runs_skips_finished_runs_and_writes_the_report(tmp_path):
 def test_bad_arguments_fail_with_one_line(tmp_path):
     proc = reproduce(tmp_path, "--only", "nothing*", timeout=120)
     assert proc.returncode == 2 and "matches no run" in proc.stderr.splitlines()[-1]
+
+
+# -- runs in worker processes --------------------------------------------------------------------
+def dry_run(out: Path, only: str, scale: str) -> dict[str, str]:
+    """{run name: the `fit` command --dry-run prints for it}."""
+    proc = subprocess.run([sys.executable, "-m", "bnstudy", "reproduce", "mini", "--out", str(out),
+                           "--only", only, "--steps-scale", scale, "--dry-run"],
+                          capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    return {lines[i].split(":")[0][2:]: lines[i + 1] for i in range(0, len(lines), 2)}
+
+
+@pytest.mark.slow
+def test_runs_in_one_worker_equal_runs_in_their_own_processes(tmp_path):
+    """Three runs one after another in one worker process (a DLN, then VGG and DLN with noisy BN's
+    random streams; W&B offline) write the metrics.csv, bit for bit, of the same `fit` commands
+    (as --dry-run prints them) each run in a process of its own, and each its own W&B run."""
+    only, scale = "vgg_noisy_bn_lr0.1,dln_noisy_bn_lr1e-6,dln_bn_lr1e-6", "0.02"
+    out = tmp_path / "plan"
+    env = {**os.environ, "WANDB_MODE": "offline"}
+    proc = reproduce(out, "--only", only, "--steps-scale", scale, "--jobs", "1", "--no-report",
+                     env=env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    done = {n: json.loads((out / "runs" / n / "done.json").read_text()) for n in only.split(",")}
+    assert len({d["worker"] for d in done.values()}) == 1  # one process ran the three
+    assert {n: d["worker_run"] for n, d in done.items()} == {  # in the plan's order
+        "dln_bn_lr1e-6": 1, "vgg_noisy_bn_lr0.1": 2, "dln_noisy_bn_lr1e-6": 3}
+    commands = dry_run(out, only, scale)
+    alone = dry_run(tmp_path / "alone", only, scale)
+    for name, command in commands.items():
+        log = (out / "logs" / f"{name}.log").read_text()
+        ran = log.split("\n$ ", 1)[1].splitlines()[0]  # the command the worker ran, as logged
+        # the same arguments; --dry-run names the config relative to the repository
+        assert ran.replace(f"{REPO}/configs/", "configs/") == command, name
+        assert "first training step" in log and "exit code 0" in log
+        single = subprocess.run([sys.executable, *alone[name].split()[1:]], cwd=REPO,
+                                env=child_env(1) | {"WANDB_MODE": "offline"},
+                                capture_output=True, text=True, timeout=300)
+        assert single.returncode == 0, single.stderr[-3000:]
+        assert assert_same_metrics(out / "runs" / name, tmp_path / "alone" / "runs" / name) > 100
+        logged = [r["train/loss"] for r in wandb_records.history(out / "runs" / name)
+                  if "train/loss" in r]
+        assert len(logged) == sum(r["train/loss"] != "" for r in read_metrics(out / "runs" / name))
+        assert len(logged) >= 2, name
+
+
+def _first_steps(out: Path) -> int:
+    return sum(p.read_text().count("bnstudy: first training step")
+               for p in (out / "logs").glob("*.log")) if (out / "logs").exists() else 0
+
+
+@pytest.mark.slow
+def test_a_plan_killed_at_random_points_ends_as_an_uninterrupted_one(tmp_path):
+    """`reproduce` is killed with SIGTERM to its process group (as `kill -- -PGID` or a batch
+    system does) at random points, during the workers' start-up, between runs and in the middle
+    of runs; each time it exits 143 after its runs stopped at the end of a step with a
+    checkpoint. Rerun to the end, every run's metrics.csv is the uninterrupted plan's, timings
+    aside: losses, accuracies, probes, and the throughput monitor's train/batches and
+    train/samples, which go on counting across a resume."""
+    only, scale = "dln_lr1e-6,dln_bn_lr1e-6,dln_noisy_bn_lr1e-6,vgg_lr0.1", "0.02"
+    args = ["--only", only, "--steps-scale", scale, "--no-report"]
+    env = {**os.environ, "WANDB_MODE": "disabled"}
+    whole = tmp_path / "whole"
+    proc = subprocess.run([sys.executable, "-m", "bnstudy", "reproduce", "mini", "--out",
+                           str(whole), *args], capture_output=True, text=True, timeout=600,
+                          cwd=REPO, env=env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    out = tmp_path / "killed"
+    seed = random.randrange(10**6)
+    rng = random.Random(seed)
+    codes = []
+    for attempt in range(4):
+        seen = _first_steps(out)
+        with open(tmp_path / f"driver{attempt}.txt", "w") as f:
+            proc = subprocess.Popen([sys.executable, "-m", "bnstudy", "reproduce", "mini",
+                                     "--out", str(out), *args], cwd=REPO, env=env, stdout=f,
+                                    stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + 300
+        if attempt % 2:  # anywhere: in the workers' start-up, a run's, between runs
+            time.sleep(rng.uniform(0.5, 12.0))
+        else:  # in a run's training: after a first step, some steps later
+            while _first_steps(out) == seen and proc.poll() is None:
+                assert time.monotonic() < deadline, "no run started"
+                time.sleep(0.05)
+            time.sleep(rng.uniform(0.0, 1.5))
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        codes.append(proc.wait(timeout=300))
+        if codes[-1] == 0:
+            break  # it finished before the signal
+        assert codes[-1] == 128 + signal.SIGTERM, (seed, codes,
+                                                   (tmp_path / f"driver{attempt}.txt").read_text())
+    stops = sum(p.read_text().count("stopped by SIGTERM at the end of step")
+                for p in (out / "logs").glob("*.log"))
+    assert stops >= 1, (seed, codes)  # at least one run was stopped in the middle
+    proc = subprocess.run([sys.executable, "-m", "bnstudy", "reproduce", "mini", "--out",
+                           str(out), *args], capture_output=True, text=True, timeout=600,
+                          cwd=REPO, env=env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    for name in only.split(","):
+        assert (out / "runs" / name / "done.json").exists()
+        assert assert_same_metrics(whole / "runs" / name, out / "runs" / name) > 100, (seed, name)
