@@ -32,6 +32,8 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from bnstudy import probes  # noqa: E402
+from bnstudy.instruments.hvp import HVP  # noqa: E402
+from bnstudy.instruments.vectors import random_vector  # noqa: E402
 from bnstudy.data import DigitsData  # noqa: E402
 from bench_probes import dln_problem, vgg_problem  # noqa: E402  (the probes' bench models)
 
@@ -45,7 +47,7 @@ def costs(problem, repeats: int) -> dict[str, float]:
     opt = torch.optim.SGD(model.parameters(), lr=lr)
     params = [p for p in model.parameters() if p.requires_grad]
     gen = torch.Generator().manual_seed(0)
-    v = probes._random_vector(params, gen)
+    v = random_vector(params, gen)
     times = {"step": [], "graph": [], "hvp": []}
     for r in range(repeats + 1):
         started = time.perf_counter()
@@ -55,7 +57,7 @@ def costs(problem, repeats: int) -> dict[str, float]:
         step = time.perf_counter() - started
         with probes.measuring(model):
             started = time.perf_counter()
-            hvp = probes._HVP(model, loss_fn, x, y, params, sync=False)
+            hvp = HVP(model, loss_fn, x, y, params, sync=False)
             graph = time.perf_counter() - started
             started = time.perf_counter()
             hvp(v)

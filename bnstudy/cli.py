@@ -18,11 +18,11 @@ SUBCOMMANDS = {
     "fit": ("bnstudy.lightning_cli", "train a model; rerunning in its --run_dir resumes it"),
     "validate": ("bnstudy.lightning_cli", "evaluate a model or checkpoint on the validation split"),
     "test": ("bnstudy.lightning_cli", "evaluate a model or checkpoint on the test split"),
-    "plot": ("bnstudy.plot", "plot metrics of runs side by side"),
-    "grid": ("bnstudy.grid", "expand a W&B grid sweep into one checked command per run"),
-    "report": ("bnstudy.report", "rebuild the paper's figures and claims from runs"),
-    "reproduce": ("bnstudy.reproduce", "run the mini reproduction"),
-    "findings": ("bnstudy.findings", "answer the open questions at mini scale"),
+    "plot": ("bnstudy.analysis.plot", "plot metrics of runs side by side"),
+    "grid": ("bnstudy.study.grid", "expand a W&B grid sweep into one checked command per run"),
+    "report": ("bnstudy.analysis.report", "rebuild the paper's figures and claims from runs"),
+    "reproduce": ("bnstudy.study.reproduce", "run the mini reproduction"),
+    "findings": ("bnstudy.study.findings", "answer the open questions at mini scale"),
 }
 LIGHTNING = ("fit", "validate", "test")
 PROG = "bnstudy"
@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
 def run_lightning(args: list[str] | None, argv: list[str]) -> int:
     from jsonargparse import ArgumentError
 
-    from bnstudy.callbacks import Interrupted
+    from bnstudy.callbacks import FitSummary, Interrupted
     from bnstudy.data import DataNotFoundError
     from bnstudy.lightning_cli import cli_main
     from bnstudy.rundir import UsageError
@@ -100,7 +100,7 @@ def run_lightning(args: list[str] | None, argv: list[str]) -> int:
 
         print_config_options(argv)  # the chosen config's model and data options, first
     try:
-        cli_main(args)
+        cli = cli_main(args)
     except Interrupted as stop:
         print(f"{PROG}: {stop}; rerun the same command to resume", file=sys.stderr)
         return 128 + stop.signum
@@ -119,6 +119,9 @@ def run_lightning(args: list[str] | None, argv: list[str]) -> int:
             raise
         print(f"{PROG}: error: {summarize_config_error(str(err))}", file=sys.stderr)
         return 2
+    for callback in getattr(cli.trainer, "callbacks", []) if hasattr(cli, "trainer") else []:
+        if isinstance(callback, FitSummary):
+            callback.print_lines()  # the run directory, what is in it, the next command
     return 0
 
 

@@ -34,6 +34,7 @@ from bnstudy.callbacks import (
     AtomicCheckpointIO,
     BestCheckpoint,
     DivergenceGuard,
+    FitSummary,
     LastCheckpoint,
     LoggerSaveConfigCallback,
     ResumeLogs,
@@ -276,7 +277,7 @@ class StudyCLI(LightningCLI):
         extra = [LearningRateMonitor(logging_interval="step")]
         if self.subcommand == "fit":
             extra += [ThroughputAtLogSteps(batch_size_fn=_batch_size), StepEndSignals(),
-                      ResumeLogs(), ThreadsForFit(cfg.get("threads"))]
+                      ResumeLogs(), ThreadsForFit(cfg.get("threads")), FitSummary()]
         if cfg.trainer.get("enable_progress_bar") is not False:
             extra.append(StepProgressBar())
         callbacks = list(cfg.trainer.get("callbacks") or []) + extra

@@ -91,7 +91,8 @@ class VGG(nn.Module):
 
 
 class DeepLinear(nn.Module):
-    """Deep linear network: `depth` fully connected `width` x `width` layers, no non-linearity.
+    """Deep linear network: `depth` fully connected `dim` x `dim` layers, no non-linearity
+    (`dim` as in DLNModule and the data).
 
     With a norm, it follows every layer but the last (docs/protocol.md section 7 default).
     """
@@ -99,7 +100,7 @@ class DeepLinear(nn.Module):
     def __init__(
         self,
         depth: int = 25,
-        width: int = 10,
+        dim: int = 10,
         norm: str = "none",
         noise: NoiseConfig | None = None,
         bias: bool = False,
@@ -110,9 +111,9 @@ class DeepLinear(nn.Module):
             raise ValueError(f"depth must be >= 1; got {depth}")
         layers: list[nn.Module] = []
         for i in range(depth):
-            layers.append(nn.Linear(width, width, bias=bias))
+            layers.append(nn.Linear(dim, dim, bias=bias))
             if i < depth - 1 and norm != "none":
-                layers.append(make_norm(norm, width, spatial=False, noise=noise, layer_index=i,
+                layers.append(make_norm(norm, dim, spatial=False, noise=noise, layer_index=i,
                                         groups=groups))
         self.layers = nn.Sequential(*layers)
 

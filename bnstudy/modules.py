@@ -195,6 +195,8 @@ class VGGModule(StudyModule):
         self.net = VGG(depth, width, norm, num_classes, in_channels, image_size, noise, groups,
                        conv_bias)
         self._init_net()
+        # one input: the model summary at the start of a fit shows real FLOPs and sizes
+        self.example_input_array = torch.zeros(1, in_channels, image_size, image_size)
         self._memory_format()
         # keys are not bare stage names: ModuleDict["train"] would shadow Module.train()
         self.accuracy = nn.ModuleDict({
@@ -244,6 +246,7 @@ class DLNModule(StudyModule):
         self.save_hyperparameters()
         self.net = DeepLinear(depth, dim, norm, noise, bias, groups)
         self._init_net()
+        self.example_input_array = torch.zeros(1, dim)  # the model summary's FLOPs and sizes
 
     def loss_fn(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         # squared l2 norm of the residual per sample, summed (or averaged) over samples

@@ -1,6 +1,6 @@
 """Normalization layers compared in the study, and one factory that builds any of them.
 
-Kinds (docs/protocol.md sections 4 and 5):
+Norms (model.norm; docs/protocol.md sections 4 and 5):
   none         identity
   batch        torch BatchNorm (batch statistics in train mode, running statistics in eval)
   noisy_batch  BatchNorm followed by BatchNoise (algorithm 1 of the paper)
@@ -118,6 +118,20 @@ class BatchNoise(nn.Module):
         self.generator, self._loaded_state = None, state.get("generator")
         self.scale, self.shift, self.stale = state["scale"], state["shift"], state["stale"]
 
+    def save_state(self) -> tuple:
+        """What a forward may change: the held noise, whether it is stale, the training generator
+        and its position. A measurement saves it and `restore_state` puts it back, so its forwards
+        leave the noise sequence of the run as they found it."""
+        gen = self.generator
+        return (self.scale, self.shift, self.stale, gen,
+                None if gen is None else gen.get_state(), self._loaded_state)
+
+    def restore_state(self, state: tuple) -> None:
+        self.scale, self.shift, self.stale, gen, gen_state, self._loaded_state = state
+        self.generator = gen
+        if gen is not None:
+            gen.set_state(gen_state)
+
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v}" for k, v in vars(self.cfg).items()) + f", seed={self.seed}"
 
@@ -179,30 +193,31 @@ def _groups(channels: int, wanted: int) -> int:
 
 
 def make_norm(
-    kind: str,
+    norm: str,
     num_features: int,
     spatial: bool,
     noise: NoiseConfig | None = None,
     layer_index: int = 0,
     groups: int = 32,
 ) -> nn.Module:
-    """The normalization layer `kind` for `num_features` units (channels when `spatial`)."""
-    if kind == "none":
+    """The normalization layer `norm` (as the config key model.norm names it) for `num_features`
+    units (channels when `spatial`)."""
+    if norm == "none":
         return nn.Identity()
-    if kind == "noise":
+    if norm == "noise":
         return BatchNoise(noise, layer_index)
-    if kind in ("batch", "noisy_batch"):
+    if norm in ("batch", "noisy_batch"):
         bn = (nn.BatchNorm2d if spatial else nn.BatchNorm1d)(num_features)
-        if kind == "batch":
+        if norm == "batch":
             return bn
         return nn.Sequential(bn, BatchNoise(noise, layer_index))
-    if kind in ("l1", "l2", "linf"):
-        return LpNorm(num_features, {"l1": 1, "l2": 2, "linf": math.inf}[kind])
-    if kind == "layer":
+    if norm in ("l1", "l2", "linf"):
+        return LpNorm(num_features, {"l1": 1, "l2": 2, "linf": math.inf}[norm])
+    if norm == "layer":
         return nn.GroupNorm(1, num_features) if spatial else nn.LayerNorm(num_features)
-    if kind == "group":
+    if norm == "group":
         return nn.GroupNorm(_groups(num_features, groups), num_features)
-    raise ValueError(f"norm must be one of {', '.join(NORM_KINDS)}; got {kind!r}")
+    raise ValueError(f"norm must be one of {', '.join(NORM_KINDS)}; got {norm!r}")
 
 
 def resample_noise(model: nn.Module) -> None:

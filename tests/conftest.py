@@ -69,3 +69,9 @@ def in_tmp(tmp_path, monkeypatch) -> Path:
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("BNSTUDY_RUN_DIR", raising=False)
     return tmp_path
+
+
+@pytest.fixture
+def quiet(in_tmp, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    return in_tmp

@@ -1,8 +1,7 @@
-"""The LightningCLI end to end: every config, composition, overrides, errors, resume, divergence,
-run directories and W&B offline files. Real fits of tiny models."""
+"""The LightningCLI end to end: every config, composition, overrides, errors, resume, run
+directories and W&B offline files. Real fits of tiny models."""
 from __future__ import annotations
 
-import csv
 import os
 import shutil
 import subprocess
@@ -17,53 +16,13 @@ from bnstudy.cli import cli_main, main
 from bnstudy.lightning_cli import parse_only
 import wandb_records
 from conftest import REPO
-
-PRESETS = {"fast.yaml"}  # composed after a run config (tests/test_speed.py), not runs of their own
-CONFIGS = sorted(p.name for p in (REPO / "configs").glob("*.yaml") if p.name not in PRESETS)
-# VGG-16 and the 25-layer DLN keep their depth: the configs' instruments name their layers
-TINY_VGG = ["--model.width=0.0625", "--data.batch_size=8"]
-TINY_DLN = ["--data.num_samples=64", "--data.steps_per_epoch=2"]
-
-
-def tiny_args(config: str, cifar_root: Path | None = None) -> list[str]:
-    args = ["--config", str(REPO / "configs" / config), "--trainer.max_steps=3",
-            "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
-            "--trainer.log_every_n_steps=1"]
-    if config.startswith("dln"):
-        return args + TINY_DLN + ["--trainer.check_val_every_n_epoch=1"]
-    args += TINY_VGG + ["--trainer.val_check_interval=3", "--trainer.limit_val_batches=2"]
-    if cifar_root is not None and config.startswith("vgg"):
-        args += [f"--data.root={cifar_root}", "--data.download=false",
-                 "--data.eval_batch_size=10"]
-    return args
-
-
-def read_metrics(run_dir: Path) -> list[dict]:
-    with open(run_dir / "metrics.csv") as f:
-        return list(csv.DictReader(f))
-
-
-def last(rows: list[dict], key: str) -> float:
-    return [float(r[key]) for r in rows if r.get(key)][-1]
-
-
-def assert_identical(a, b, where: str) -> None:
-    """Bit-for-bit equality of tensors, also nested in dicts (noisy BN's extra state)."""
-    if isinstance(a, dict):
-        assert a.keys() == b.keys(), where
-        for k in a:
-            assert_identical(a[k], b[k], f"{where}.{k}")
-    elif isinstance(a, torch.Tensor):
-        assert torch.equal(a, b), where
-    else:
-        assert a == b, where
+from tiny_fits import CONFIGS, TINY_VGG, assert_identical, last, read_metrics, tiny_args
 
 
 def test_all_paper_configs_exist():
     want = {f"{a}{b}.yaml" for a in ("vgg", "dln")
             for b in ("", "_bn", "_noisy_bn", "_l1", "_l2", "_linf")} | {"quickstart.yaml"}
     assert want <= set(CONFIGS)
-
 
 
 def test_one_shared_logger_and_instruments_block_feeds_every_config(tmp_path):
@@ -85,6 +44,7 @@ def test_one_shared_logger_and_instruments_block_feeds_every_config(tmp_path):
             assert (ics.class_path, ics.init_args.every) == ("bnstudy.instruments.ICS", 7), config
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("config", CONFIGS)
 def test_config_instantiates_with_paper_settings(config, in_tmp):
     cli = cli_main(["--config", str(REPO / "configs" / config)], run=False)
@@ -106,6 +66,7 @@ def test_config_instantiates_with_paper_settings(config, in_tmp):
         assert cli.datamodule.num_samples == 1000
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("config", CONFIGS)
 def test_config_trains_a_tiny_version(config, in_tmp, tiny_cifar, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "disabled")
@@ -117,6 +78,7 @@ def test_config_trains_a_tiny_version(config, in_tmp, tiny_cifar, monkeypatch):
     assert (run_dir / "config.yaml").exists() and (run_dir / "checkpoints" / "last.ckpt").exists()
 
 
+@pytest.mark.slow
 def test_configs_compose_and_dotted_overrides_win(in_tmp, capsys):
     extra = in_tmp / "fast.yaml"
     extra.write_text("model:\n  init_args:\n    lr: 0.5\ntrainer:\n  max_steps: 7\n")
@@ -131,6 +93,7 @@ def test_configs_compose_and_dotted_overrides_win(in_tmp, capsys):
     assert printed["trainer"]["max_steps"] == 7 and printed["seed_everything"] == 123
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arg, message", [
     ("--model.lrr=0.5", "unknown key model.lrr"),
     ("--trainer.max_stepz=3", "unknown key trainer.max_stepz"),
@@ -149,6 +112,7 @@ def test_bad_keys_and_values_fail_with_one_line(arg, message, in_tmp):
     assert "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow
 def test_run_directories_never_collide(in_tmp, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "disabled")
     dirs = []
@@ -159,6 +123,7 @@ def test_run_directories_never_collide(in_tmp, monkeypatch):
     assert all((d / "config.yaml").exists() and (d / "metrics.csv").exists() for d in dirs)
 
 
+@pytest.mark.slow
 def test_wandb_offline_run_has_config_and_metrics(in_tmp):
     run_dir = in_tmp / "run"
     proc = subprocess.run([sys.executable, "-m", "bnstudy", "fit", *tiny_args("quickstart.yaml"),
@@ -176,6 +141,7 @@ def test_wandb_offline_run_has_config_and_metrics(in_tmp):
     assert [row["train/loss"] for row in logged] == pytest.approx(csv_losses)  # same numbers
 
 
+@pytest.mark.slow
 def test_resume_from_last_checkpoint_matches_uninterrupted_run(in_tmp, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "disabled")
     base = ["--config", str(REPO / "configs" / "quickstart.yaml"), *TINY_VGG,
@@ -200,31 +166,7 @@ def test_resume_from_last_checkpoint_matches_uninterrupted_run(in_tmp, monkeypat
     assert {r["step"] for r in whole_rows} <= {r["step"] for r in part_rows}
 
 
-def test_divergence_stops_cleanly_with_exit_code_0(in_tmp):
-    run_dir = in_tmp / "div"
-    cmd = [sys.executable, "-m", "bnstudy", "fit", *tiny_args("quickstart.yaml"),
-           "--model.norm=none", "--model.lr=1e4", "--model.init=kaiming", "--model.init_scale=3",
-           "--trainer.max_steps=50", f"--run_dir={run_dir}"]
-    env = {**os.environ, "WANDB_MODE": "disabled"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "diverged" in proc.stderr
-    rows = read_metrics(run_dir)
-    assert last(rows, "diverged") == 1.0
-    assert last(rows, "diverged_step") < 49  # stopped early, not at max_steps
-
-    fail = subprocess.run(cmd[:-1] + [f"--run_dir={run_dir}2", "--divergence.on_divergence=fail"],
-                          capture_output=True, text=True, timeout=300, env=env)
-    assert fail.returncode != 0 and "DivergedError" in fail.stderr
-
-
-def test_healthy_run_is_marked_not_diverged(in_tmp, monkeypatch):
-    monkeypatch.setenv("WANDB_MODE", "disabled")
-    cli = cli_main(["fit", *tiny_args("dln_bn.yaml"), "--run_dir=ok"])
-    assert last(read_metrics(Path("ok")), "diverged") == 0.0
-    assert cli.trainer.global_step == 3
-
-
+@pytest.mark.slow
 def test_rerunning_a_run_directory_resumes_it(in_tmp, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "disabled")
     cli_main(["fit", *tiny_args("dln_bn.yaml"), "--run_dir=again"])

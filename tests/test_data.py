@@ -254,6 +254,7 @@ def test_digits_upscaled_to_a_cifar_shaped_stand_in(upscale):
         np.testing.assert_allclose(raw(xb[i, 0].double().numpy()), raw(want), atol=1e-5)
 
 
+@pytest.mark.slow
 def test_vgg16_on_32x32_digits_has_the_papers_five_pools(in_tmp):
     """On 8x8 digits VGG-16 keeps 3 of its 5 pools and its last six convs see 1x1 maps; on the
     32x32 stand-in all five pools run and the classifier sees 1x1 maps, as on CIFAR-10."""

@@ -34,7 +34,7 @@ def test_vgg_takes_input_shape_from_data():
 
 
 def test_dln_norm_after_every_layer_but_the_last():
-    net = DeepLinear(depth=25, width=10, norm="batch")
+    net = DeepLinear(depth=25, dim=10, norm="batch")
     kinds = [type(m) for m in net.layers]
     assert kinds.count(nn.Linear) == 25 and kinds.count(nn.BatchNorm1d) == 24
     assert kinds[-1] is nn.Linear and kinds[-2] is nn.BatchNorm1d
@@ -96,3 +96,16 @@ def test_lr_schedule_option():
                         limit_val_batches=0)
     trainer.fit(module, GaussianRegressionData(num_samples=16, steps_per_epoch=4))
     assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.01 * 0.01)
+
+
+def test_the_model_summary_counts_real_flops_and_changes_nothing():
+    """example_input_array: Lightning's summary runs one eval forward and counts its FLOPs (a DLN
+    layer of 10 x 10 is 200 per sample); parameters and buffers stay as they were."""
+    from lightning.pytorch.utilities.model_summary import summarize
+
+    dln = DLNModule(depth=25, norm="batch")
+    before = {k: v.clone() for k, v in dln.state_dict().items()}
+    assert summarize(dln).total_flops == 25 * 2 * 10 * 10
+    assert all(torch.equal(before[k], v) for k, v in dln.state_dict().items()) and dln.training
+    assert summarize(VGGModule(depth=11, width=0.25, image_size=8, in_channels=1)).total_flops > 1e6
+

@@ -1,15 +1,12 @@
-"""Run directories that protect their runs, one-line errors for bad input, signals, and a CLI that
-explains itself. Real processes, real signals, real corrupted files, a real failing write."""
+"""Run directories that protect their runs, one-line errors for bad input, and a CLI that explains
+itself. Real processes, real corrupted files. (Signals, a failing write and the progress bar are
+tested with their callbacks in tests/callbacks/.)"""
 from __future__ import annotations
 
-import csv
 import os
-import random
 import re
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -18,46 +15,12 @@ import yaml
 
 from bnstudy.cli import cli_main, main
 from conftest import REPO
-from test_cli import assert_identical
-
-# VGG-11 at 1/8 width on digits: a few hundred ms to build, ~10-20 ms a step
-TINY = ["--config", str(REPO / "configs" / "quickstart.yaml"), "--model.width=0.125",
-        "--data.batch_size=16", "--trainer.enable_model_summary=false",
-        "--trainer.log_every_n_steps=1", "--trainer.val_check_interval=10",
-        "--trainer.limit_val_batches=2", "--last_checkpoint.every_n_train_steps=10"]
-ENV = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-
-
-def bnstudy(*args: str, env: dict | None = None, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "bnstudy", *args], capture_output=True,
-                          text=True, timeout=300, cwd=REPO, env=env or ENV, **kw)
-
-
-def one_error_line(stderr: str, prefix: str = "bnstudy: error: ") -> str:
-    errors = [line for line in stderr.splitlines() if "error" in line.lower()]
-    assert len(errors) == 1 and errors[0].startswith(prefix), stderr[-3000:]
-    assert "Traceback" not in stderr and "weights_only=False" not in stderr
-    return errors[0]
-
-
-def rows(run_dir: Path) -> list[dict]:
-    with open(run_dir / "metrics.csv") as f:
-        return list(csv.DictReader(f))
-
-
-def fit(run_dir: Path, *extra: str, steps: int = 20):
-    return cli_main(["fit", *TINY, "--trainer.enable_progress_bar=false",
-                     f"--trainer.max_steps={steps}", f"--run_dir={run_dir}", *extra])
-
-
-@pytest.fixture
-def quiet(in_tmp, monkeypatch):
-    monkeypatch.setenv("WANDB_MODE", "disabled")
-    return in_tmp
+from tiny_fits import ENV, TINY, bnstudy, fit, one_error_line, rows
 
 
 # -- the CLI explains itself ------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_help_lists_every_subcommand_without_importing_torch():
     code = ("import sys, io, contextlib\nfrom bnstudy.cli import main, available\n"
             "out = io.StringIO()\nwith contextlib.redirect_stdout(out): rc = main(['--help'])\n"
@@ -77,6 +40,7 @@ def test_help_lists_every_subcommand_without_importing_torch():
     assert unknown.returncode == 2 and "unknown subcommand 'fitt'" in unknown.stderr
 
 
+@pytest.mark.slow
 def test_fit_help_leads_with_the_configs_model_and_data_options():
     proc = bnstudy("fit", "--config", "configs/quickstart.yaml", "--help")
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -94,15 +58,6 @@ def test_fit_help_leads_with_the_configs_model_and_data_options():
     assert short.stdout.startswith("usage: bnstudy")
 
 
-def test_step_limited_progress_bar_counts_steps(tmp_path):
-    proc = bnstudy("fit", *TINY, "--trainer.max_steps=12", f"--run_dir={tmp_path / 'run'}",
-                   env={**ENV, "COLUMNS": "120"})
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert re.search(r"Step\s.*12/12", proc.stdout), proc.stdout[-2000:]
-    assert "/-2" not in proc.stdout and "Epoch" not in proc.stdout
-    assert "Tip" not in proc.stdout + proc.stderr  # no third-party promotion
-
-
 # -- a run directory protects its run ----------------------------------------------------------
 
 HOLD_LOCK = """
@@ -112,6 +67,7 @@ lock = RunLock(sys.argv[1]); lock.acquire(); print("locked", flush=True); time.s
 """
 
 
+@pytest.mark.slow
 def test_lock_refuses_a_second_process_and_a_dead_holders_lock_is_taken_over(quiet):
     run_dir = quiet / "locked"
     run_dir.mkdir()
@@ -140,6 +96,7 @@ def run_files(run_dir):
             if p.is_file() and not (p.parent.name == "logs" and "wandb" in p.parts)}
 
 
+@pytest.mark.slow
 def test_resume_with_another_config_is_refused_before_anything_is_written(quiet, capsys):
     run_dir = quiet / "run"
     fit(run_dir, steps=3)
@@ -158,6 +115,7 @@ def test_resume_with_another_config_is_refused_before_anything_is_written(quiet,
     assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 5
 
 
+@pytest.mark.slow
 def test_a_randomly_seeded_run_resumes_with_its_own_seed(quiet):
     """seed_everything: true draws a seed; a resume (a Slurm requeue too) keeps that seed instead
     of drawing another, which the config check would refuse."""
@@ -191,6 +149,7 @@ def _checkpoint_of(run_dir: Path, *extra: str) -> Path:
     return run_dir / "checkpoints" / "last.ckpt"
 
 
+@pytest.mark.slow
 def test_bad_checkpoints_are_one_line_and_leave_nothing_behind(quiet, capsys, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")  # a W&B run would leave files in the run dir
     good = _checkpoint_of(quiet / "good")
@@ -221,6 +180,7 @@ def test_bad_checkpoints_are_one_line_and_leave_nothing_behind(quiet, capsys, mo
             assert not run_dir.exists(), (sub, path)  # no directory, no W&B run
 
 
+@pytest.mark.slow
 def test_data_root_without_data_and_unwritable_run_dir(quiet, capsys, tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -244,104 +204,6 @@ def test_data_root_without_data_and_unwritable_run_dir(quiet, capsys, tmp_path):
         assert rc == 2 and f"run directory {ro / 'run'} is not writable" in line
 
 
-FILL_DISK = """
-import resource, signal, sys
-signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a too-large write then fails with EFBIG
-limit = int(sys.argv[1])
-resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
-from bnstudy.cli import main
-sys.exit(main(sys.argv[2:]))
-"""
-
-
-def test_a_failed_checkpoint_save_keeps_the_last_good_checkpoint(quiet):
-    run_dir = quiet / "run"
-    fit(run_dir, steps=10)
-    last = run_dir / "checkpoints" / "last.ckpt"
-    good = last.read_bytes()
-    # resume with files limited to half a checkpoint: the next save fails with a real OSError
-    proc = subprocess.run([sys.executable, "-c", FILL_DISK, str(len(good) // 2), "fit", *TINY,
-                           "--trainer.max_steps=20", f"--run_dir={run_dir}"], cwd=REPO, env=ENV,
-                          capture_output=True, text=True, timeout=300)
-    line = one_error_line(proc.stderr)
-    assert proc.returncode == 2 and "File too large" in line and "last.ckpt" in line
-    assert last.read_bytes() == good  # intact, and no temporary file left
-    assert sorted(p.name for p in last.parent.iterdir() if "tmp" in p.name) == []
-    assert torch.load(last, weights_only=True)["global_step"] == 10
-
-
-# -- signals and resumes ---------------------------------------------------------------------
-
-def _wait_for_new_checkpoint(proc, last: Path, since: float, timeout: float = 240) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            return False
-        if last.exists() and last.stat().st_mtime > since:
-            return True
-        time.sleep(0.02)
-    raise AssertionError("no checkpoint written")
-
-
-def test_killed_run_reports_it_and_every_resume_ends_bit_identical(quiet):
-    """A fit is stopped by SIGTERM/SIGINT at random steps three times; each stop exits 128 +
-    signal with a resumable checkpoint; the resumed run ends exactly like an uninterrupted one,
-    with one metrics.csv row per step and the best-checkpoint policy kept."""
-    steps = 150
-    args = [*TINY, "--model.norm=noisy_batch", "--trainer.enable_progress_bar=false",
-            f"--trainer.max_steps={steps}", "--last_checkpoint.every_n_train_steps=5",
-            "--trainer.val_check_interval=25"]
-    whole = quiet / "whole"
-    cli_main(["fit", *args, f"--run_dir={whole}"])
-    run_dir = quiet / "killed"
-    last = run_dir / "checkpoints" / "last.ckpt"
-    rng = random.Random(os.getpid())
-    kills = []
-    for sig in (signal.SIGKILL, signal.SIGTERM, signal.SIGINT, signal.SIGTERM):
-        since = last.stat().st_mtime if last.exists() else 0.0
-        proc = subprocess.Popen([sys.executable, "-m", "bnstudy", "fit", *args,
-                                 f"--run_dir={run_dir}"], cwd=REPO, env=ENV,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        if _wait_for_new_checkpoint(proc, last, since):
-            time.sleep(rng.uniform(0.0, 0.4))
-            proc.send_signal(sig)
-        _, err = proc.communicate(timeout=240)
-        if proc.returncode == 0:
-            break  # it finished before the signal: nothing left to interrupt
-        if sig == signal.SIGKILL:  # a hard crash: no handler runs, nothing is saved on the way out
-            assert proc.returncode == -signal.SIGKILL, err[-3000:]
-            step = torch.load(last, weights_only=True)["global_step"]
-            logged = {int(r["step"]) for r in rows(run_dir)}
-            assert set(range(step)) <= logged, "metrics.csv lost rows before the checkpoint"
-            continue
-        assert proc.returncode == 128 + sig, err[-3000:]
-        m = re.search(rf"stopped by {sig.name} at the end of step (\d+); resumable checkpoint "
-                      rf"(\S+); rerun", err)
-        assert m, err[-3000:]
-        step = int(m.group(1))
-        assert torch.load(m.group(2), weights_only=True)["global_step"] == step
-        kills.append(step)
-    assert kills, "no run was interrupted"
-    proc = subprocess.run([sys.executable, "-m", "bnstudy", "fit", *args, f"--run_dir={run_dir}"],
-                          cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-
-    a = torch.load(whole / "checkpoints" / "last.ckpt", weights_only=True)
-    b = torch.load(last, weights_only=True)
-    assert a["global_step"] == b["global_step"] == steps
-    assert a["state_dict"].keys() == b["state_dict"].keys()
-    for key, value in a["state_dict"].items():
-        assert_identical(value, b["state_dict"][key], key)  # noisy BN's generators too
-    whole_rows, killed_rows = rows(whole), rows(run_dir)
-    assert [r["step"] for r in killed_rows] == [r["step"] for r in whole_rows]  # one row a step
-    assert len({r["step"] for r in killed_rows}) == len(killed_rows)
-    for column in ("train/loss", "val/acc", "val/loss"):
-        assert [r[column] for r in killed_rows] == [r[column] for r in whole_rows], column
-    best = sorted(p.name for p in last.parent.glob("best-*.ckpt"))
-    assert best == sorted(p.name for p in (whole / "checkpoints").glob("best-*.ckpt"))
-    assert len(best) == 1
-
-
 # -- tidy outputs ------------------------------------------------------------------------------
 
 def documented_columns() -> list[str]:
@@ -359,6 +221,7 @@ def _pattern(doc: str) -> re.Pattern:
     return re.compile(regex + "$")
 
 
+@pytest.mark.slow
 def test_metrics_csv_one_row_per_step_and_columns_as_documented(quiet):
     run_dir = quiet / "run"
     fit(run_dir, steps=12)
@@ -383,6 +246,7 @@ def test_metrics_csv_one_row_per_step_and_columns_as_documented(quiet):
 
 # -- sweeps are checked before anything is submitted -----------------------------------------
 
+@pytest.mark.slow
 def test_grid_catches_a_parameter_the_cli_does_not_know(tmp_path, capsys, monkeypatch):
     sweep = tmp_path / "typo.yaml"
     sweep.write_text(yaml.safe_dump({

@@ -150,6 +150,7 @@ def test_grid_array_runs_every_point_in_its_own_directory(slurm, tmp_path):
     assert len(wandb_ids) == 3
 
 
+@pytest.mark.slow
 def test_requeued_task_resumes_and_ends_like_an_uninterrupted_run(slurm, tmp_path):
     """Two array tasks train the same config and seed; task 0 gets SIGUSR1 (what Slurm sends
     before the time limit) half-way: it writes its hpc checkpoint, requeues itself, resumes from
@@ -199,6 +200,7 @@ def test_requeued_task_resumes_and_ends_like_an_uninterrupted_run(slurm, tmp_pat
     assert len(attempts) == 2 and all(a.name.endswith(f"-{run_id}") for a in attempts)
 
 
+@pytest.mark.slow
 def test_ddp_runs_two_processes_on_cpu(slurm, tmp_path):
     """ddp.sh with --ntasks-per-node=2: Slurm starts 2 ranks, Lightning joins them over gloo,
     the fit completes; the global batch is split between the ranks."""
@@ -248,6 +250,7 @@ def silent_server():
     server.close()
 
 
+@pytest.mark.slow
 def test_agent_worker_survives_sigusr1(slurm, tmp_path, silent_server):
     """agent.sh: Slurm's warning signal (B:SIGUSR1, to the batch shell) is passed on to training
     processes only; the `wandb agent` process goes on (here until its own W&B timeout)."""

@@ -1,6 +1,7 @@
 """The fast paths on the CPU: the preset configs/fast.yaml (data held on the device, bf16-mixed,
 channels_last, torch.compile) in real fits: exact resume, instruments that leave the trajectory
-bit for bit unchanged and measure what the eager model measures; the lazy divergence check."""
+bit for bit unchanged and measure what the eager model measures. (The lazy divergence check is
+in tests/callbacks/test_divergence_guard.py.)"""
 from __future__ import annotations
 
 import shutil
@@ -10,7 +11,7 @@ import torch
 
 from bnstudy.cli import cli_main
 from conftest import REPO
-from test_cli import assert_identical, last, read_metrics
+from tiny_fits import assert_identical, last, read_metrics
 
 pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"),
               pytest.mark.filterwarnings("ignore::DeprecationWarning")]
@@ -36,6 +37,7 @@ def weights(run_dir) -> dict:
     return torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
 
 
+@pytest.mark.slow
 @needs_cxx
 def test_fast_preset_resumes_exactly_and_instruments_change_nothing(in_tmp, monkeypatch):
     """configs/fast.yaml on the quickstart (bf16-mixed, channels_last, compiled, data held on the
@@ -73,6 +75,7 @@ def test_fast_preset_resumes_exactly_and_instruments_change_nothing(in_tmp, monk
 RTOL, ATOL = 1e-4, 1e-6
 
 
+@pytest.mark.slow
 @needs_cxx
 def test_fast_path_probes_agree_with_the_eager_path(in_tmp, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "disabled")
@@ -89,20 +92,3 @@ def test_fast_path_probes_agree_with_the_eager_path(in_tmp, monkeypatch):
     assert compared >= 30
 
 
-DIVERGE = ["--config", str(REPO / "configs" / "quickstart.yaml"), "--model.norm=none",
-           "--model.lr=1e4", "--model.init=kaiming", "--model.init_scale=3", "--model.width=0.125",
-           "--data.batch_size=16", "--trainer.max_steps=40", "--trainer.callbacks=[]",
-           "--trainer.enable_progress_bar=false", "--trainer.limit_val_batches=0"]
-
-
-def test_lazy_divergence_check_logs_the_exact_step(in_tmp, monkeypatch):
-    """The GPU's lazy check (exercised here on the CPU): the same diverged_step as the check that
-    reads every loss, and a stop exactly `lag` steps later."""
-    monkeypatch.setenv("WANDB_MODE", "disabled")
-    sync = cli_main(["fit", *DIVERGE, "--divergence.check=sync", "--run_dir=sync"])
-    lazy = cli_main(["fit", *DIVERGE, "--divergence.check=lazy", "--divergence.lag=3",
-                     "--run_dir=lazy"])
-    step = last(read_metrics(in_tmp / "sync"), "diverged_step")
-    assert step < 39 and sync.trainer.global_step == step
-    assert last(read_metrics(in_tmp / "lazy"), "diverged_step") == step
-    assert lazy.trainer.global_step == step + 3

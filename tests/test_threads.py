@@ -44,6 +44,7 @@ def clean_env() -> dict:
     return {**env, "WANDB_MODE": "disabled", "PYTHONPATH": str(REPO)}
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not hasattr(os, "sched_setaffinity") or len(os.sched_getaffinity(0)) < 2,
                     reason="needs Linux affinity and at least 2 CPUs")
 def test_thread_choice_follows_affinity_slurm_and_explicit_settings():
@@ -77,6 +78,7 @@ print("explicit", chosen(cli), "after", torch.get_num_threads())
 """
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not hasattr(os, "sched_getaffinity") or len(os.sched_getaffinity(0)) < 2,
                     reason="needs at least 2 CPUs")
 def test_a_fit_of_the_tiny_dln_runs_on_one_thread_unless_told(tmp_path):

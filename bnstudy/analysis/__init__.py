@@ -1,0 +1,1 @@
+"""Finished runs as data (runs), the claims checked on them, the figures, `plot` and `report`."""
