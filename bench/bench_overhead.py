@@ -1,24 +1,42 @@
-"""`fit` as a user runs it against a plain 1-thread loop on the CPU, on the two overhead-bound
-cases, on an idle machine and beside a process that keeps one core busy.
+"""`fit` as a user runs it against a plain one-thread PyTorch loop on the CPU: every ratio of
+issue 15 side by side in one run, idle and beside a process that keeps one core busy.
 
-    .venv/bin/python bench/bench_overhead.py                 # both cases, idle and busy (~8 min)
-    .venv/bin/python bench/bench_overhead.py --repo ../old-checkout  # the same, another checkout's code
+    .venv/bin/python bench/bench_overhead.py                       # every case, idle and busy
+    .venv/bin/python bench/bench_overhead.py --loads idle --cases dln,dln_bn
+    .venv/bin/python bench/bench_overhead.py --repo /tmp/old        # another checkout's code
 
-Cases (instruments off, validation off; everything else as the config has it: the W&B logger
-(offline) and the CSV logger, the progress bar, LR and throughput monitors, checkpoints):
-  dln  configs/dln_bn.yaml: DLN 25 x 10 + BN, full batch 1000
-  vgg  configs/quickstart.yaml: VGG-11 width 0.25 + BN on the 8x8 digits, batch 64
-`fit` runs as `python -m bnstudy fit --config ...` with the environment's thread settings
-(OMP_NUM_THREADS removed: the user's default); the plain loop is the same model, loss, data and
-SGD in a bare loop on one thread, timed inside its process after 20 warm-up steps. `fit` is timed
-at two run lengths, N and 2N steps, as whole processes: the difference over N is the cost of a
-step, with start-up, data loading and W&B's start and finish cancelled. "busy": a `while True` process pinned to CPU 0 runs meanwhile.
-Ratio = fit steps/s / plain steps/s (targets busy: dln >= 0.5, vgg >= 0.7).
+Cases:
+  dln, dln_bn, dln_l1   configs/dln*.yaml: DLN 25 x 10 (none / BN / l1), full batch of 1,000
+  vgg16, vgg11          the mini VGG (configs/vgg_bn.yaml, width 1/8, depth 16 or 11) on the
+                        digits at 32x32x3, batch 128, as `reproduce mini` trains it
+Per case, each in its own process, one after the other:
+  plain        the config's own model, loss, data and SGD (built by the CLI) in a bare loop on one
+               thread; for the VGG in channels_last fp32, and again under bf16 autocast ("bf16")
+  fit off      `python -m bnstudy fit --config ... --trainer.callbacks=[]`: everything as the
+               config has it (W&B offline and metrics.csv, progress bar, LR and throughput
+               monitors, divergence guard, checkpoints) but the instruments
+  fit instr.   the same with the config's instruments, at the config's cadence (DLN: steps
+               200-2,200, which hold 24 ICS/landscape, 4 random landscape, 48 activation and 4
+               curvature measurements, about the full 10,000-step run's rate; VGG: steps 100-300,
+               4 ICS/landscape and 6 activation measurements, the 1,000-step mini run's rate, but
+               none of its 2 random-landscape ones)
+Validation is off in the fits (the plain loop has none). Every process is timed inside itself
+(a callback records the clock at the start of each training step; start-up, the first steps and
+the end of the fit are left out), in wall time and in CPU time (CPU time is what a shared machine
+distorts least: it leaves out the time the process waited for a core).
+Ratios are speeds (plain ms/step / fit ms/step, so 1.0 is as fast as the plain loop); targets:
+fit off >= 0.75, fit with instruments >= 0.6 (DLN) and >= 0.8 (VGG, against channels_last fp32).
+"no-probe step": the median step of the fit with instruments, over the steps on which no probe
+runs, against the median step of the fit without them: what the Instruments callback costs when
+nothing is due (target <= +3%).
+"busy": a `while True` process pinned to CPU 0 runs meanwhile.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -26,81 +44,137 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+VGG_MINI = ["--data=bnstudy.data.DigitsData", "--data.image_size=32", "--data.channels=3",
+            "--data.batch_size=128", "--model.width=0.125"]
 CASES = {
-    "dln": {"config": "dln_bn.yaml", "steps": 2000},
-    "vgg": {"config": "quickstart.yaml", "steps": 600},
+    "dln": {"config": "dln.yaml", "args": []},
+    "dln_bn": {"config": "dln_bn.yaml", "args": []},
+    "dln_l1": {"config": "dln_l1.yaml", "args": []},
+    "vgg16": {"config": "vgg_bn.yaml", "args": VGG_MINI + ["--model.depth=16"]},
+    "vgg11": {"config": "vgg_bn.yaml", "args": VGG_MINI + ["--model.depth=11"]},
 }
-TARGETS = {"dln": 0.5, "vgg": 0.7}
-COUNTER = iter(range(10**6))  # a fresh run directory for every process
+# timed window [start, stop) of the fits (in steps) and of the plain loop
+WINDOWS = {"dln": (200, 2200), "vgg": (100, 300)}
+PLAIN_WINDOWS = {"dln": (200, 2200), "vgg": (10, 50)}
+MARK = "BENCH_RESULT "
 
-PLAIN = r"""
-import sys, time, torch
-torch.set_num_threads(1)
-from bnstudy.cli import cli_main
-steps = int(sys.argv[2])
-# the config's own model and data, built by the CLI, then trained in a bare loop
-cli = cli_main(["--config", sys.argv[1], "--trainer.logger=false", "--trainer.callbacks=[]",
-                "--run_dir=" + sys.argv[3]], run=False)
-model, data = cli.model, cli.datamodule
-data.trainer = None
-if hasattr(data, "setup"):
-    data.setup("fit")
-net, loss_fn = model.net, model.loss_fn
-net.train()
-opt = torch.optim.SGD(net.parameters(), lr=model.lr)
-done, warmup = 0, 20
-while done < steps + warmup:
-    for x, y in data.train_dataloader():
-        if done == warmup:
-            start = time.perf_counter()
-        loss = loss_fn(net(x), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        done += 1
-        if done == steps + warmup:
-            break
-print("seconds_per_step", (time.perf_counter() - start) / steps, "loss", float(loss))
+# One child process per measurement, run with the checkout's code first on sys.path.
+CHILD = r"""
+import functools, json, os, sys, time
+mode, start, stop = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+args = sys.argv[4:]
+sys.argv = ["bnstudy", *(["fit", *args] if mode == "fit" else [])]  # as `bnstudy fit` sees them
+MARK = "BENCH_RESULT "
+
+def report(times, active=None):
+    print(MARK + json.dumps({"times": times, "active": active}), flush=True)
+
+if mode.startswith("plain"):
+    import torch
+    torch.set_num_threads(1)
+    from bnstudy.cli import cli_main
+    # the config's own model and data, built by the CLI, then trained in a bare loop
+    cli = cli_main([*args, "--trainer.logger=false", "--trainer.callbacks=[]"], run=False)
+    model, data = cli.model, cli.datamodule
+    data.trainer = None
+    if hasattr(data, "setup"):
+        data.setup("fit")
+    net, loss_fn = model.net, model.loss_fn
+    image = mode != "plain_dln"
+    if image:  # channels_last fp32 (and bf16 autocast for plain_bf16)
+        net.to(memory_format=torch.channels_last)
+    net.train()
+    opt = torch.optim.SGD(net.parameters(), lr=model.lr)
+    times, done = [], 0
+    while done < stop:
+        for x, y in data.train_dataloader():
+            times.append((time.perf_counter(), time.process_time()))
+            if image:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=mode == "plain_bf16"):
+                loss = loss_fn(net(x), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            done += 1
+            if done == stop:
+                break
+    times.append((time.perf_counter(), time.process_time()))
+    report(times[start:])
+else:
+    import lightning.pytorch as pl
+
+    class Clock(pl.Callback):
+        # the clock at the start of every training step, and whether a probe runs in it
+        def __init__(self):
+            self.times, self.active = [], []
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            t = trainer.global_step
+            if start <= t <= stop:
+                self.times.append((time.perf_counter(), time.process_time()))
+                probes = [p for c in trainer.callbacks for p in getattr(c, "probes", [])]
+                self.active.append(any(p.active(t) for p in probes))
+
+        def on_train_end(self, trainer, pl_module):
+            report(self.times, self.active)
+
+    init = pl.Trainer.__init__
+    @functools.wraps(init)  # the CLI reads the Trainer's arguments from its signature
+    def with_clock(self, *a, callbacks=None, **k):
+        init(self, *a, callbacks=[*(callbacks or []), Clock()], **k)
+    pl.Trainer.__init__ = with_clock
+    from bnstudy.cli import main
+    sys.exit(main())
 """
 
 
-def run(cmd: list[str], cwd: Path, env: dict) -> tuple[float, str]:
-    start = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
-    elapsed = time.perf_counter() - start
-    if proc.returncode != 0:
-        sys.exit(f"bench_overhead: command failed ({proc.returncode}): {' '.join(cmd)}\n"
-                 + proc.stderr[-3000:])
-    return elapsed, proc.stdout
-
-
-def per_step(make_cmd, n: int, cwd: Path, env: dict) -> float:
-    """Seconds per step from whole-process wall times at N and 2N steps."""
-    t1, _ = run(make_cmd(n), cwd, env)
-    t2, _ = run(make_cmd(2 * n), cwd, env)
-    if t2 <= t1:  # start-up noise larger than N steps: too short a run for this machine's load
-        print(f"  (2N-step run not slower than the N-step one: {t2:.1f} s vs {t1:.1f} s; "
-              "use a larger --scale)", flush=True)
-        return float("nan")
-    return (t2 - t1) / n
-
-
-def measure(case: str, repo: Path, scale: float, tmp: Path) -> tuple[float, float]:
-    config = str(repo / "configs" / CASES[case]["config"])
-    n = max(2, int(CASES[case]["steps"] * scale))
+def child(mode: str, window: tuple[int, int], args: list[str], repo: Path) -> dict:
     env = {k: v for k, v in os.environ.items()
            if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "BNSTUDY_RUN_DIR")}
     env.update(WANDB_MODE="offline", WANDB_SILENT="true", PYTHONPATH=str(repo))
-    def fit_cmd(steps: int) -> list[str]:
-        return [sys.executable, "-m", "bnstudy", "fit", "--config", config,
-                f"--trainer.max_steps={steps}", "--trainer.callbacks=[]",
-                "--trainer.limit_val_batches=0", f"--run_dir={tmp / f'fit{next(COUNTER)}'}"]
+    cmd = [sys.executable, "-c", CHILD, mode, str(window[0]), str(window[1]), *args]
+    proc = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(MARK)]
+    if proc.returncode != 0 or not lines:
+        sys.exit(f"bench_overhead: {mode} failed ({proc.returncode}): {' '.join(args)}\n"
+                 + proc.stderr[-3000:])
+    out = json.loads(lines[-1][len(MARK):])
+    times = out["times"]
+    steps = [(b[0] - a[0], b[1] - a[1]) for a, b in zip(times, times[1:])]
+    active = (out["active"] or [False] * len(times))[:len(steps)]
+    quiet = [s for s, busy in zip(steps, active) if not busy] or steps
+    return {"wall": sum(s[0] for s in steps) / len(steps),
+            "cpu": sum(s[1] for s in steps) / len(steps),
+            "quiet_wall": statistics.median(s[0] for s in quiet),
+            "quiet_cpu": statistics.median(s[1] for s in quiet),
+            "probe_steps": sum(active)}
 
-    fit = per_step(fit_cmd, n, repo, env)
-    _, out = run([sys.executable, "-c", PLAIN, config, str(n), str(tmp / f"p{next(COUNTER)}")],
-                 repo, env)
-    plain = float(out.split("seconds_per_step")[1].split()[0])
-    return fit, plain
+
+def measure(case: str, repo: Path, tmp: Path, scale: float) -> dict:
+    spec = CASES[case]
+    kind = "vgg" if case.startswith("vgg") else "dln"
+    base = ["--config", str(repo / "configs" / spec["config"]), *spec["args"]]
+    fit_window = tuple(round(w * scale) for w in WINDOWS[kind])
+    plain_window = tuple(round(w * scale) for w in PLAIN_WINDOWS[kind])
+    run_dirs = iter(tmp / f"{case}-{i}-{time.monotonic_ns()}" for i in range(10))
+    if case == "vgg11":  # VGG-16's instruments at VGG-11's layers (9 of them, not 14)
+        paper = (repo / "configs" / "common" / "instruments_vgg.yaml").read_text()
+        instruments = tmp / "instruments_vgg11.yaml"
+        instruments.write_text(paper.replace("layers: [5, 10]", "layers: [3, 6]")
+                               .replace("layers: [2, 3, 9, 11, 13]", "layers: [2, 3, 6, 7, 8]"))
+        base.append(f"--trainer.callbacks={instruments}")
+    fit = [*base, f"--trainer.max_steps={fit_window[1] + 1}", "--trainer.limit_val_batches=0",
+           "--trainer.enable_model_summary=false"]
+    result = {"plain": child(f"plain_{kind}" if kind == "dln" else "plain", plain_window,
+                             [*base, f"--run_dir={next(run_dirs)}"], repo)}
+    if kind == "vgg":
+        result["bf16"] = child("plain_bf16", plain_window, [*base, f"--run_dir={next(run_dirs)}"],
+                               repo)
+    result["off"] = child("fit", fit_window, [*fit, "--trainer.callbacks=[]",
+                                              f"--run_dir={next(run_dirs)}"], repo)
+    result["instr"] = child("fit", fit_window, [*fit, f"--run_dir={next(run_dirs)}"], repo)
+    return result
 
 
 def burner() -> subprocess.Popen:
@@ -109,38 +183,55 @@ def burner() -> subprocess.Popen:
                             preexec_fn=lambda: os.sched_setaffinity(0, {0}))
 
 
+def rows(case: str, load: str, r: dict, clock: str) -> list[str]:
+    plain, off, instr = r["plain"][clock], r["off"][clock], r["instr"][clock]
+    quiet = r["instr"][f"quiet_{clock}"] / r["off"][f"quiet_{clock}"] - 1
+    target = 0.8 if case.startswith("vgg") else 0.6
+    cells = [case, load, clock, f"{plain * 1e3:.2f}", f"{off * 1e3:.2f}", f"{instr * 1e3:.2f}",
+             f"{plain / off:.2f}", f"{plain / instr:.2f} (>= {target})", f"{100 * quiet:+.1f}%"]
+    cells.append(f"{r['plain'][clock] / r['bf16'][clock]:.2f}" if "bf16" in r else "")
+    return cells
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repo", type=Path, default=REPO,
                         help="checkout whose bnstudy and configs to run (default: this one)")
-    parser.add_argument("--cases", default="dln,vgg")
-    parser.add_argument("--loads", default="idle,busy")
-    parser.add_argument("--scale", type=float, default=1.0, help="multiply the run lengths")
+    parser.add_argument("--cases", default=",".join(CASES),
+                        help=f"comma-separated, of {', '.join(CASES)}")
+    parser.add_argument("--loads", nargs="+", default=["idle", "busy"], choices=["idle", "busy"])
+    parser.add_argument("--scale", type=float, default=1.0,
+                        help="multiply the timed windows (0.25 for a quick look)")
     args = parser.parse_args()
     cases = args.cases.split(",")
-    loads = args.loads.split(",")
-    print(f"bench_overhead: {args.repo}, {len(os.sched_getaffinity(0))} CPUs, "
+    unknown = [c for c in cases if c not in CASES]
+    if unknown:
+        parser.error(f"--cases: unknown {unknown}; expected some of {list(CASES)}")
+    repo = args.repo.resolve()
+    print(f"bench_overhead: {repo}, {len(os.sched_getaffinity(0))} CPUs, "
           f"{time.strftime('%Y-%m-%d %H:%M')}, load average {os.getloadavg()[0]:.1f}", flush=True)
-    rows = []
+    table = []
     with tempfile.TemporaryDirectory() as tmp:
-        for load in loads:
+        for load in args.loads:
             hot = burner() if load == "busy" else None
             try:
                 for case in cases:
-                    fit, plain = measure(case, args.repo.resolve(), args.scale, Path(tmp))
-                    rows.append((case, load, plain, fit))
-                    print(f"  {case} {load}: plain {plain * 1e3:.2f} ms/step, fit "
-                          f"{fit * 1e3:.2f} ms/step, ratio {plain / fit:.2f}", flush=True)
+                    started = time.perf_counter()
+                    r = measure(case, repo, Path(tmp), args.scale)
+                    table += [rows(case, load, r, clock) for clock in ("wall", "cpu")]
+                    print(f"  {case} {load} ({time.perf_counter() - started:.0f} s): "
+                          + ", ".join(f"{k} {v['wall'] * 1e3:.2f} ms/step" for k, v in r.items()),
+                          flush=True)
             finally:
                 if hot is not None:
                     hot.kill()
                     hot.wait()
-    print("\n| case | load | plain loop, 1 thread (ms/step) | fit (ms/step) | fit/plain speed |"
-          "\n|---|---|---|---|---|")
-    for case, load, plain, fit in rows:
-        target = f" (target >= {TARGETS[case]})" if load == "busy" else ""
-        print(f"| {case} | {load} | {plain * 1e3:.2f} | {fit * 1e3:.2f} | "
-              f"{plain / fit:.2f}{target} |")
+    print(f"\nload average at the end {os.getloadavg()[0]:.1f}\n")
+    print("| case | load | clock | plain ms/step | fit off ms/step | fit instr. ms/step "
+          "| fit off / plain | fit instr. / plain | no-probe step vs off | bf16 speed-up, plain |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for cells in table:
+        print("| " + " | ".join(cells) + " |")
     return 0
 
 

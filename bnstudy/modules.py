@@ -17,7 +17,7 @@ import torchmetrics
 from torch import nn
 
 from bnstudy.models import VGG, DeepLinear, init_weights
-from bnstudy.norms import NoiseConfig, noise_in_eval, noise_off_in_eval, resample_noise
+from bnstudy.norms import BatchNoise, NoiseConfig, noise_in_eval, noise_off_in_eval
 
 Norm = Literal["none", "batch", "noisy_batch", "noise", "l1", "l2", "linf", "layer", "group"]
 Init = Literal["glorot", "kaiming", "orthogonal", "default"]
@@ -51,6 +51,8 @@ class StudyModule(L.LightningModule):
         self.lr = lr
         self.net: nn.Module
         self._compiled = None  # torch.compile(self.net), built at the first training step
+        self._step_outputs = None  # (loss, outputs, targets) of the step in progress
+        self._noise_layers: list[BatchNoise] | None = None
 
     # -- fast paths (configs/fast.yaml) ----------------------------------------------------------
     # The net stays the plain nn.Module: probes, checkpoints and DDP see it; only the training
@@ -117,15 +119,34 @@ class StudyModule(L.LightningModule):
 
     # -- steps ----------------------------------------------------------------------------------
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
-        resample_noise(self.net)  # noisy BN: one draw per training step, held for its probes
+        # noisy BN: one draw per training step, held for its probes (the noise layers are found
+        # once: walking the whole net every step cost ~1% of a DLN step)
+        if self._noise_layers is None:
+            self._noise_layers = [m for m in self.net.modules() if isinstance(m, BatchNoise)]
+        for layer in self._noise_layers:
+            layer.resample()
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         x, y = batch
         out = self._fast_net()(x)
         loss = self.loss_fn(out, y)
+        self._step_outputs = (loss.detach(), out.detach(), y)  # logged in on_train_batch_end
+        return loss
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        # The training metrics are logged only at the steps whose logs the loggers write
+        # (log_every_n_steps, and the step a run stops at), the same values at the same steps:
+        # a value logged at another step is overwritten before anything reads it, and one
+        # self.log costs more than a whole DLN step. Here, not in training_step: this hook runs
+        # after the callbacks' (the divergence guard may stop the run at this step).
+        if self._step_outputs is None:
+            return
+        (loss, out, y), self._step_outputs = self._step_outputs, None
+        trainer = self.trainer
+        if not (trainer._logger_connector.should_update_logs or trainer.fast_dev_run):
+            return
         self.log("train/loss", loss, prog_bar=True)
         self._update_metrics("train", out, y)
-        return loss
 
     def validation_step(self, batch, batch_idx: int) -> None:
         self._eval_step("val", batch, batch_idx)

@@ -72,11 +72,16 @@ def test_a_run_directory_written_before_the_move_resumes_as_one_never_stopped(in
     stored = yaml.safe_load((old / "config.yaml").read_text())
     assert torch.load(old / "checkpoints" / "last.ckpt", weights_only=True)["callbacks"][
         "Instruments"]["curv"]["vectors"]  # the warm start of the code before the move
-    cli = cli_main(["fit", *ARGS, "--trainer.max_steps=6", f"--run_dir={old}"])
+    # the instruments as the code before the move ran them (the paper configs have more since:
+    # Curvature's cold check, Theorem 4.1's probe), with the options added since at defaults
+    pinned = in_tmp / "instruments_before.yaml"
+    pinned.write_text(yaml.safe_dump(stored["trainer"]["callbacks"]))
+    pin = f"--trainer.callbacks={pinned}"
+    cli = cli_main(["fit", *ARGS, pin, "--trainer.max_steps=6", f"--run_dir={old}"])
     assert cli.trainer.global_step == 6
     assert cli.trainer.ckpt_path == str(old / "checkpoints" / "last.ckpt")  # resumed, not anew
     whole = in_tmp / "whole"
-    cli_main(["fit", *ARGS, "--trainer.max_steps=6", f"--run_dir={whole}"])
+    cli_main(["fit", *ARGS, pin, "--trainer.max_steps=6", f"--run_dir={whole}"])
     # new configs write the same class paths and values as the old one; options added since
     # (with defaults that keep the old behaviour) are the only difference
     written = yaml.safe_load((whole / "config.yaml").read_text())
