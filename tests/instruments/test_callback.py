@@ -11,8 +11,8 @@ import pytest
 from lightning.pytorch.loggers import CSVLogger
 
 from bnstudy import probes
-from bnstudy.instruments import (ICS, ActivationStats, Curvature, Instruments, Landscape,
-                                 RandomLandscape)
+from bnstudy.instruments import (ICS, ActivationStats, BNGradientBound, Curvature, Instruments,
+                                 Landscape, RandomLandscape)
 from cases import (LIGHTNING_NOISE, Recorder, every_step_probes, example_input, images, read_csv,
                    same_state, trainer, vgg_module)
 from conftest import REPO
@@ -108,7 +108,8 @@ def test_paper_configs_carry_the_instruments(config, in_tmp):
     cli = cli_main(["--config", str(REPO / "configs" / config)], run=False)
     inst = next(c for c in cli.trainer.callbacks if isinstance(c, Instruments))
     paper = [ICS, Landscape, RandomLandscape, ActivationStats]
-    extra = [Curvature] if config.startswith("dln") else []  # the edge-of-stability figure
+    # the edge-of-stability figure and Theorem 4.1's content
+    extra = [Curvature, BNGradientBound] if config.startswith("dln") else []
     assert [type(p) for p in inst.probes] == paper + extra
     ics, land, rand, act = inst.probes[:4]
     assert (ics.every, ics.log_spaced, rand.every, act.every) == (100, True, 500, 50)
