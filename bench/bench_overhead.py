@@ -45,7 +45,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 VGG_MINI = ["--data=bnstudy.data.DigitsData", "--data.image_size=32", "--data.channels=3",
-            "--data.batch_size=128", "--model.width=0.125"]
+            "--data.batch_size=128", "--model.width=0.125", "--model.channels_last=true"]
 CASES = {
     "dln": {"config": "dln.yaml", "args": []},
     "dln_bn": {"config": "dln_bn.yaml", "args": []},
@@ -158,11 +158,13 @@ def measure(case: str, repo: Path, tmp: Path, scale: float) -> dict:
     fit_window = tuple(round(w * scale) for w in WINDOWS[kind])
     plain_window = tuple(round(w * scale) for w in PLAIN_WINDOWS[kind])
     run_dirs = iter(tmp / f"{case}-{i}-{time.monotonic_ns()}" for i in range(10))
-    if case == "vgg11":  # VGG-16's instruments at VGG-11's layers (9 of them, not 14)
-        paper = (repo / "configs" / "common" / "instruments_vgg.yaml").read_text()
-        instruments = tmp / "instruments_vgg11.yaml"
-        instruments.write_text(paper.replace("layers: [5, 10]", "layers: [3, 6]")
-                               .replace("layers: [2, 3, 9, 11, 13]", "layers: [2, 3, 6, 7, 8]"))
+    if case == "vgg11":  # the mini plan's VGG-11 instruments (a checkout without them: VGG-16's
+        instruments = repo / "configs" / "common" / "instruments_vgg11.yaml"  # at its layers)
+        if not instruments.exists():
+            paper = (repo / "configs" / "common" / "instruments_vgg.yaml").read_text()
+            instruments = tmp / "instruments_vgg11.yaml"
+            instruments.write_text(paper.replace("layers: [5, 10]", "layers: [3, 6]")
+                                   .replace("layers: [2, 3, 9, 11, 13]", "layers: [1, 2, 6, 7, 8]"))
         base.append(f"--trainer.callbacks={instruments}")
     fit = [*base, f"--trainer.max_steps={fit_window[1] + 1}", "--trainer.limit_val_batches=0",
            "--trainer.enable_model_summary=false"]
