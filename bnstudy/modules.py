@@ -130,7 +130,11 @@ class StudyModule(L.LightningModule):
         x, y = batch
         out = self._fast_net()(x)
         loss = self.loss_fn(out, y)
-        self._step_outputs = (loss.detach(), out.detach(), y)  # logged in on_train_batch_end
+        self._step_outputs = (loss.detach(), out.detach(), y)
+        # a logging step logs now, before the callbacks' on_train_batch_end (a signal may end
+        # the run there, with its checkpoint); any other step in on_train_batch_end, only if a
+        # callback (the divergence guard, a signal) made it the last one
+        self.on_train_batch_end(None, batch, batch_idx)
         return loss
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
@@ -141,10 +145,10 @@ class StudyModule(L.LightningModule):
         # after the callbacks' (the divergence guard may stop the run at this step).
         if self._step_outputs is None:
             return
-        (loss, out, y), self._step_outputs = self._step_outputs, None
         trainer = self.trainer
         if not (trainer._logger_connector.should_update_logs or trainer.fast_dev_run):
             return
+        (loss, out, y), self._step_outputs = self._step_outputs, None
         self.log("train/loss", loss, prog_bar=True)
         self._update_metrics("train", out, y)
 

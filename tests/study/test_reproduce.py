@@ -151,7 +151,7 @@ def test_runs_in_one_worker_equal_runs_in_their_own_processes(tmp_path):
     """Three runs one after another in one worker process (a DLN, then VGG and DLN with noisy BN's
     random streams; W&B offline) write the metrics.csv, bit for bit, of the same `fit` commands
     (as --dry-run prints them) each run in a process of its own, and each its own W&B run."""
-    only, scale = "vgg_noisy_bn_lr0.1,dln_noisy_bn_lr1e-6,dln_bn_lr1e-6", "0.02"
+    only, scale = "vgg_noisy_bn_lr0.1,dln_noisy_bn_lr1e-6,dln_bn_lr1e-6", "0.04"
     out = tmp_path / "plan"
     env = {**os.environ, "WANDB_MODE": "offline"}
     proc = reproduce(out, "--only", only, "--steps-scale", scale, "--jobs", "1", "--no-report",
