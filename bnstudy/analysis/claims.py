@@ -133,6 +133,12 @@ def left_chance(run: Run) -> bool:
     return not run.diverged and acc is not None and acc > CHANCE_ACC_MAX
 
 
+def moment_drift(run: Run) -> tuple[float | None, float | None]:
+    """(dmean, dvar): the medians of the step-to-step change of the units' mean and variance over
+    every instrumented layer and measurement (claims 2 and 5)."""
+    return median_of(run, "act/", "/dmean"), median_of(run, "act/", "/dvar")
+
+
 def median_of(run: Run, prefix: str, suffix: str = "", steps: set[int] | None = None
               ) -> float | None:
     """Median of the finite values of the metrics `prefix*suffix` (all their layers), at `steps`
@@ -371,7 +377,7 @@ def claim2(runs: list[Run]) -> Claim:
                     f"{stat([final_test_acc(z) for z, _ in pairs])} (noise off), "
                     f"{stat([z.last('val/acc_noise') for z, _ in pairs])} (noise on) | BN "
                     f"{stat([final_test_acc(b) for _, b in pairs])}")
-            drift = {n: [(median_of(r, "act/", "/dmean"), median_of(r, "act/", "/dvar"))
+            drift = {n: [moment_drift(r)
                          for r in rs] for n, rs in by.items()}
             text += "; moment drift (dmean, dvar) " + ", ".join(
                 f"{n} {stat([d[0] for d in ds])}, {stat([d[1] for d in ds])}"
@@ -392,8 +398,8 @@ def claim2(runs: list[Run]) -> Claim:
                 name = "BN's" if other == "batch" else "the standard network's"
                 results = []
                 for z, o in paired(by["noisy_batch"], by[other]):
-                    dz = (median_of(z, "act/", "/dmean"), median_of(z, "act/", "/dvar"))
-                    do = (median_of(o, "act/", "/dmean"), median_of(o, "act/", "/dvar"))
+                    dz = moment_drift(z)
+                    do = moment_drift(o)
                     if None not in dz + do:
                         results.append(dz[0] > do[0] and dz[1] > do[1])
                 parts.check(f"{label}: noisy BN's moments drift more than {name}", results)
@@ -631,8 +637,8 @@ def claim5(runs: list[Run]) -> Claim:
             parts.check(f"{label}: {n} smoother than the standard network", smooth)
             drift = []
             for a, s in against:
-                da = (median_of(a, "act/", "/dmean"), median_of(a, "act/", "/dvar"))
-                ds = (median_of(s, "act/", "/dmean"), median_of(s, "act/", "/dvar"))
+                da = moment_drift(a)
+                ds = moment_drift(s)
                 if None not in da + ds:
                     drift.append((da, ds))
             if drift:
