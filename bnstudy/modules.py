@@ -141,16 +141,21 @@ class StudyModule(L.LightningModule):
         # The training metrics are logged only at the steps whose logs the loggers write
         # (log_every_n_steps, and the step a run stops at), the same values at the same steps:
         # a value logged at another step is overwritten before anything reads it, and one
-        # self.log costs more than a whole DLN step. Here, not in training_step: this hook runs
-        # after the callbacks' (the divergence guard may stop the run at this step).
+        # self.log costs more than a whole DLN step.
         if self._step_outputs is None:
             return
         trainer = self.trainer
         if not (trainer._logger_connector.should_update_logs or trainer.fast_dev_run):
             return
         (loss, out, y), self._step_outputs = self._step_outputs, None
-        self.log("train/loss", loss, prog_bar=True)
-        self._update_metrics("train", out, y)
+        values = {"train/loss": loss, **self._train_metrics(out, y)}
+        for key, value in values.items():
+            self.log(key, value, prog_bar=True, logger=False)  # progress bar, callback_metrics
+        # straight to the loggers, not through self.log (which reaches them only after every
+        # on_train_batch_end): a checkpoint saved at this step's end (last.ckpt, a signal's)
+        # then finds this step's row complete, so a run killed right after it and resumed
+        # from it has the row an uninterrupted run has
+        trainer._logger_connector.log_metrics(values)
 
     def validation_step(self, batch, batch_idx: int) -> None:
         self._eval_step("val", batch, batch_idx)
@@ -175,6 +180,10 @@ class StudyModule(L.LightningModule):
     def _update_metrics(self, stage: str, out: torch.Tensor, y: torch.Tensor,
                         suffix: str = "") -> None:
         pass
+
+    def _train_metrics(self, out: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The training metrics beside the loss, of this batch."""
+        return {}
 
     # -- checkpoints: every RNG, so a resumed run repeats an uninterrupted one ------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
@@ -248,6 +257,9 @@ class VGGModule(StudyModule):
         metric = self.accuracy[f"{stage}{suffix}_acc"]
         metric(out.detach(), y)
         self.log(f"{stage}/acc{suffix}", metric, prog_bar=not suffix)
+
+    def _train_metrics(self, out: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"train/acc": self.accuracy["train_acc"](out, y)}  # this batch's accuracy
 
 
 class DLNModule(StudyModule):

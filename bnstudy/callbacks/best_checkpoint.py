@@ -10,8 +10,9 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 class BestCheckpoint(ModelCheckpoint):
     """ModelCheckpoint whose save_top_k holds across resumes. last.ckpt is written at the end of a
-    step, before that step's validation, so the best checkpoint saved by that validation is not in
-    the state a resume restores: it would stay forever beside the later best ones. On resume,
+    step or of its validation, maybe before this callback's save there, so the best checkpoint
+    saved by that validation may not be in the state a resume restores: it would stay forever
+    beside the later best ones. On resume,
     checkpoints of this callback unknown to the restored state are adopted (their score is in
     their own state) when they are from before the resume point, and deleted when they are from
     the abandoned steps after it (the resumed run makes them again)."""

@@ -27,12 +27,23 @@ class LastCheckpoint(ModelCheckpoint):
         # last.ckpt is always replaced: in a moved run directory the restored state does not know
         # the old last.ckpt, and Lightning's version counter would write last-v1.ckpt beside it,
         # which no resume picks (the next one would start again from the old last.ckpt)
-        super().__init__(dirpath=dirpath, save_last=True, save_top_k=0,
-                         every_n_train_steps=every_n_train_steps or 0,
+        # ModelCheckpoint's own step trigger is off (0, not None: None would turn on its
+        # every-epoch one); the steps are counted here, where a save can wait for a validation
+        super().__init__(dirpath=dirpath, save_last=True, save_top_k=0, every_n_train_steps=0,
                          enable_version_counter=False)
+        self.every_n_steps = every_n_train_steps or 0
         self.every_minutes = None if every_n_train_steps else every_minutes
         self.check_every = max(1, check_every)
         self._clock = time.monotonic()
+        self._pending: int | None = None  # the step whose save waits for its validation's end
+
+    @property
+    def state_key(self) -> str:
+        # the key its state had in checkpoints while ModelCheckpoint counted the steps
+        return self._generate_state_key(monitor=self.monitor, mode=self.mode,
+                                        every_n_train_steps=self.every_n_steps,
+                                        every_n_epochs=self._every_n_epochs,
+                                        train_time_interval=self._train_time_interval)
 
     def on_train_start(self, trainer, pl_module) -> None:
         super().on_train_start(trainer, pl_module)
@@ -40,6 +51,9 @@ class LastCheckpoint(ModelCheckpoint):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        if self._pending is not None:  # due at a validation that did not run: save now
+            self._pending = None
+            self._save_last(trainer)
         if self._should_skip_saving_checkpoint(trainer):
             return
         epoch_loop = trainer.fit_loop.epoch_loop
@@ -47,11 +61,30 @@ class LastCheckpoint(ModelCheckpoint):
             trainer.max_epochs not in (None, -1)
             and trainer.current_epoch == trainer.max_epochs - 1
             and epoch_loop.batch_progress.is_last_batch)
-        due = final
+        due = final or (self.every_n_steps and trainer.global_step % self.every_n_steps == 0)
         if self.every_minutes and not final and trainer.global_step % self.check_every == 0:
             due = time.monotonic() - self._clock >= 60 * self.every_minutes
             if trainer.world_size > 1:
                 due = trainer.strategy.broadcast(due)
-        if due and self._last_global_step_saved != trainer.global_step:
+        if not due or self._last_global_step_saved == trainer.global_step:
+            return
+        # A validation after this step: save at its end. Saved now, a run killed during that
+        # validation (or before its row reached metrics.csv) would resume past it, and its
+        # values would be lost; Lightning resumes from the end of a validation without
+        # repeating it. (Not for a time-based val_check_interval, which is read off the clock.)
+        if trainer._val_check_time_interval is None \
+                and epoch_loop._should_check_val_fx(trainer.fit_loop._data_fetcher):
+            self._pending = trainer.global_step
+            return
+        self._save_last(trainer)
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        super().on_validation_end(trainer, pl_module)
+        if self._pending == trainer.global_step and not trainer.sanity_checking:
+            self._pending = None
+            self._save_last(trainer)
+
+    def _save_last(self, trainer) -> None:
+        if self._last_global_step_saved != trainer.global_step:
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
-            self._clock = time.monotonic()
+        self._clock = time.monotonic()

@@ -1,17 +1,24 @@
-"""`python -m bnstudy findings [--out results/findings] [--budget mini|tiny] [--only PART ...]`
+"""`python -m bnstudy findings [--out results/findings] [--budget mini|tiny] [--only PART ...]
+[--seeds N] [--vgg-setup faithful|fast]`
 
 The questions the paper leaves open, answered at mini scale on CPU with the study's own code
 (Lightning fits, the Instruments callback): one command reruns every run, writes the numbers to
 OUT/findings.json and one figure per question to OUT/*.png. docs/FINDINGS.md discusses them.
 
+The VGG parts run the network of `reproduce mini` (`--vgg-setup faithful`, the default: VGG-11 at
+1/8 width on the digits upscaled to 32x32x3, batch 128, channels_last, 600 steps), each arm over
+--seeds seeds (the seed draws the init, the data order and the train/test split), and report
+mean +- sd over them; `--vgg-setup fast` is the earlier 8x8 one-channel net (300 steps, batch 64)
+on which no network without a norm trains.
+
 Parts (--only picks some):
   eos         edge of stability: lambda_max (curv/lambda_max), beta_eff and 2/lr over training,
-              DLN-25 (full batch 1000, the paper's 10,000 steps) at lr 1e-6 and 1e-7 +-BN, and a
-              tiny VGG-11 on 8x8 digits at lr 0.1 and 0.5 +-BN (and at lr 0.1 with lambda_max of
-              one fixed batch's loss); Theorem 4.1 ratios on the BN runs
-  optimizer   SGD, SGD+momentum 0.9, Adam x {none, BN} (tiny VGG on digits)
-  init        Glorot, Kaiming, orthogonal, torch default x {none, BN} (tiny VGG-16 on digits)
-  generalization  train/test accuracy gap, {none, BN} x seeds (tiny VGG on digits)
+              DLN-25 (full batch 1000, the paper's 10,000 steps) at lr 1e-6 and 1e-7 +-BN, and the
+              VGG at lr 0.1 and 0.5 +-BN (and at lr 0.1 with lambda_max of one fixed batch's
+              loss); Theorem 4.1 ratios on the BN runs (one seed)
+  optimizer   SGD, SGD+momentum 0.9 (lr 0.1 and 0.01), Adam x {none, BN}
+  init        Glorot, Kaiming, orthogonal, torch default x {none, BN}, SGD lr 0.1
+  generalization  {none, BN}: test accuracy at matched full-training-set loss, and at the end
   smoother    none, BN, LayerNorm, GroupNorm, l1, l2, linf: lambda_max and beta_eff at the first
               measurement where training accuracy reached the matched level
   lemma45     Lemma 4.5 on a small DLN over init schemes and scales, with the counter-argument
@@ -40,6 +47,7 @@ from bnstudy.instruments import BNGradientBound, Curvature, Instruments, Landsca
 from bnstudy.instruments.vectors import total_norm
 from bnstudy.models import DeepLinear, function_preserving_bn, init_weights
 from bnstudy.modules import DLNModule, VGGModule
+from bnstudy.study.reproduce import VGG_BATCH, VGG_DEPTH, VGG_STEPS, VGG_WIDTH
 from bnstudy.threads import ThreadsForFit
 
 PARTS = ("eos", "optimizer", "init", "generalization", "smoother", "lemma45")
@@ -47,18 +55,25 @@ PARTS = ("eos", "optimizer", "init", "generalization", "smoother", "lemma45")
 # mini is sized for a shared 2-core CPU (the DLN runs take 2,000 of the paper's 10,000 steps,
 # measured at 0, 1, 2, 4, ... and every 250 steps); paper: the DLN's full 10,000 steps
 BUDGETS = {
-    "mini": {"dln_steps": 2000, "dln_every": 250, "vgg_steps": 300, "vgg_every": 50,
+    "mini": {"dln_steps": 2000, "dln_every": 250, "vgg_every": 50,
              "seeds": 3, "lemma_steps": 1500, "matched_acc": 0.9, "max_iter": 30},
-    "paper": {"dln_steps": 10_000, "dln_every": 500, "vgg_steps": 300, "vgg_every": 50,
+    "paper": {"dln_steps": 10_000, "dln_every": 500, "vgg_every": 50,
               "seeds": 3, "lemma_steps": 1500, "matched_acc": 0.9, "max_iter": 30},
     "tiny": {"dln_steps": 2, "dln_every": 2, "vgg_steps": 2, "vgg_every": 2, "seeds": 2,
              "lemma_steps": 5, "matched_acc": 0.0, "max_iter": 3},
 }
-VGG_TINY = {"depth": 11, "width": 0.125}  # 8..64 channels
-# The digits' side for the VGG parts. At 8x8 the deep convs run on 1x1 maps where Glorot's scale
-# starves the signal and no network without a norm leaves chance (docs/RESULTS.md, "why 32x32");
-# 32 upscales them to CIFAR's shape (three channels) at about 10x the CPU time.
-VGG_IMAGE_SIZE = 8
+VGG_TINY = {"depth": VGG_DEPTH, "width": VGG_WIDTH}  # VGG-11, 8..64 channels
+# The VGG setups. faithful: `reproduce mini`'s (digits upscaled to CIFAR's shape; without a norm
+# the net trains at lr 0.1, slower than with BN, in every seed searched). fast: 8x8 digits, where
+# the deep convs run on 1x1 maps, Glorot's scale starves the signal and no network without a
+# norm leaves chance (docs/RESULTS.md, "why 32x32"), at about 1/10 of the CPU time.
+VGG_SETUPS = {
+    "faithful": {"image_size": 32, "batch_size": VGG_BATCH, "channels_last": True,
+                 "steps": VGG_STEPS},
+    "fast": {"image_size": 8, "batch_size": 64, "channels_last": False, "steps": 300},
+}
+VGG_IMAGE_SIZE = 8  # fit()'s default: the fast setup
+MATCHED_LOSSES = (0.3, 0.1, 0.03)  # full-training-set loss levels the generalization part reads
 
 
 class Record(Callback):
@@ -79,14 +94,42 @@ class Record(Callback):
             self.acc.append((step, float(acc)))
 
 
+class WholeSets(Callback):
+    """Loss and accuracy on the whole training and test sets (eval mode: BN's running
+    statistics) at step 0, every `every` steps and at the end: eval/{train,test}_{loss,acc}."""
+
+    def __init__(self, data, every: int):
+        self.data, self.every = data, every
+        self.history: list[tuple[int, dict]] = []
+
+    def _measure(self, trainer, module) -> None:
+        step = trainer.global_step
+        if self.history and self.history[-1][0] == step:
+            return
+        row = {}
+        for name, (x, y) in (("train", self.data.train_set), ("test", self.data.test_set)):
+            loss, acc = _loss_acc(module.net, x, y)
+            row[f"eval/{name}_loss"], row[f"eval/{name}_acc"] = loss, acc
+        self.history.append((step, row))
+
+    def on_train_start(self, trainer, module) -> None:
+        self._measure(trainer, module)
+
+    def on_train_batch_end(self, trainer, module, *args) -> None:
+        if trainer.global_step % self.every == 0 or trainer.global_step == trainer.max_steps:
+            self._measure(trainer, module)
+
+
 def fit(model: str, steps: int, every: int, seed: int = 0, thm: bool = False,
         log_spaced: bool = False, max_iter: int = 30, image_size: int = VGG_IMAGE_SIZE,
-        fixed_batch: bool = False, **model_kw) -> dict:
+        fixed_batch: bool = False, batch_size: int = 64, eval_every: int = 0,
+        **model_kw) -> dict:
     """One Lightning fit with Curvature and Landscape (and Theorem 4.1 on BN runs) every `every`
     steps (every=0: no probes), also at 0, 1, 2, 4, ... if `log_spaced`; Curvature on the first
-    batch at every measurement if `fixed_batch`; returns the logged series and the final
+    batch at every measurement if `fixed_batch`; the loss and accuracy on the whole training and
+    test sets every `eval_every` steps (eval/*; VGG); returns the logged series and the final
     train/test accuracy (VGG) as a Run (its summary holds seconds, input_shape, train_acc and
-    test_acc).
+    test_acc). The seed draws the init, and for the VGG the data order and train/test split.
 
     A plain Trainer in this process, not `python -m bnstudy fit`: about 50 fits of seconds each
     would spend more time starting the CLI than training, and none needs a run directory."""
@@ -97,7 +140,8 @@ def fit(model: str, steps: int, every: int, seed: int = 0, thm: bool = False,
         land = Landscape(lr_logspace=(0.01, 30, 8), every=every, log_spaced=log_spaced)
     else:
         channels = 1 if image_size == 8 else 3  # upscaled digits: CIFAR's three channels
-        data = DigitsData(batch_size=64, seed=seed, image_size=image_size, channels=channels)
+        data = DigitsData(batch_size=batch_size, seed=seed, image_size=image_size,
+                          channels=channels)
         module = VGGModule(**{**VGG_TINY, **model_kw}, num_classes=10, in_channels=channels,
                            image_size=image_size)
         land = Landscape(lr_multiples=[0.5, 1, 2, 4], every=every, log_spaced=log_spaced)
@@ -108,13 +152,18 @@ def fit(model: str, steps: int, every: int, seed: int = 0, thm: bool = False,
     if not every:
         probes_ = []
     inst, rec = Instruments(probes_), Record()
-    trainer = L.Trainer(max_steps=steps, accelerator="cpu", devices=1, callbacks=[inst, rec, ThreadsForFit()],
+    whole = WholeSets(data, eval_every) if eval_every and model == "vgg" else None
+    callbacks = [inst, rec, ThreadsForFit()] + ([whole] if whole else [])
+    # log_every_n_steps=1: the training accuracy of every step (the matched-accuracy rule reads
+    # a 20-step window of it)
+    trainer = L.Trainer(max_steps=steps, accelerator="cpu", devices=1, callbacks=callbacks,
                         logger=False, enable_progress_bar=False, enable_model_summary=False,
-                        enable_checkpointing=False, limit_val_batches=0, num_sanity_val_steps=0)
+                        enable_checkpointing=False, limit_val_batches=0, num_sanity_val_steps=0,
+                        log_every_n_steps=1)
     started = time.perf_counter()
     trainer.fit(module, data)
     metrics: dict[str, list[tuple[int, float]]] = {"train/loss": rec.loss, "train/acc": rec.acc}
-    for s, m in inst.history:
+    for s, m in inst.history + (whole.history if whole else []):
         for k, v in m.items():
             if not k.startswith("time/"):
                 metrics.setdefault(k, []).append((s, v))
@@ -129,20 +178,43 @@ def fit(model: str, steps: int, every: int, seed: int = 0, thm: bool = False,
 
 
 @torch.no_grad()
-def _accuracy(net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+def _loss_acc(net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
+              chunk: int = 512) -> tuple[float, float]:
+    """Mean cross-entropy and accuracy of `net` (in eval mode) on (x, y)."""
+    was_training = net.training
     net.eval()
-    acc = float((net(x).argmax(1) == y).float().mean())
-    net.train()
-    return acc
+    loss = correct = 0.0
+    for i in range(0, len(x), chunk):
+        out = net(x[i:i + chunk])
+        loss += float(F.cross_entropy(out, y[i:i + chunk], reduction="sum"))
+        correct += float((out.argmax(1) == y[i:i + chunk]).sum())
+    net.train(was_training)
+    return loss / len(x), correct / len(x)
+
+
+def _accuracy(net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    return _loss_acc(net, x, y)[1]
 
 
 def _finite(values):
     return [v for v in values if v is not None and math.isfinite(v)]
 
 
-def summary(run: Run) -> dict:
-    """The numbers a table needs: final loss, accuracies, median lambda_max and beta_eff over the
-    measurements after the first, and their value at the end."""
+def steps_to(run: Run, level: float, window: int = 20) -> int | None:
+    """The first step at which the mean training accuracy of the last `window` steps reached
+    `level` (None: never)."""
+    acc = run.series("train/acc")
+    for i, (s, _) in enumerate(acc):
+        last = [v for _, v in acc[max(0, i - window + 1):i + 1]]
+        if len(last) == min(window, i + 1) and statistics.mean(last) >= level:
+            return s
+    return None
+
+
+def summary(run: Run, matched_acc: float = 0.9) -> dict:
+    """The numbers a table needs: final loss, accuracies, the steps to `matched_acc` training
+    accuracy, median lambda_max and beta_eff over the measurements after the first, and their
+    value at the end."""
     lam = [v for _, v in run.series("curv/lambda_max")]
     beta = [v for _, v in run.series("landscape/beta_eff")]
     later = lambda xs: _finite(xs[1:] or xs)  # noqa: E731
@@ -154,6 +226,32 @@ def summary(run: Run) -> dict:
     for k in ("train_acc", "test_acc"):
         if k in run.summary:
             out[k] = run.summary[k]
+    if run.series("train/acc"):
+        out["steps_to_acc"] = steps_to(run, matched_acc)
+    return out
+
+
+def arm_of(name: str) -> str:
+    """A run's arm: its name without the seed ("adam norm=batch seed=2" -> "adam norm=batch")."""
+    return name.rsplit(" seed=", 1)[0]
+
+
+def over_seeds(rows: dict[str, dict]) -> dict[str, dict]:
+    """Per arm and key of the per-run rows: mean, sd and n over the seeds with a finite value,
+    and n_all (a step count that is None never reached its level; a nan loss diverged)."""
+    arms: dict[str, list[dict]] = {}
+    for name, row in rows.items():
+        arms.setdefault(arm_of(name), []).append(row)
+    out = {}
+    for arm, group in arms.items():
+        keys = [k for k in group[0] if k != "seconds"]
+        out[arm] = {}
+        for k in keys:
+            vals = [r.get(k) for r in group]
+            ok = [float(v) for v in vals if isinstance(v, (int, float)) and math.isfinite(v)]
+            out[arm][k] = {"mean": statistics.mean(ok) if ok else None,
+                           "sd": statistics.stdev(ok) if len(ok) > 1 else 0.0 if ok else None,
+                           "n": len(ok), "n_all": len(vals)}
     return out
 
 
@@ -166,9 +264,17 @@ def _runs(plan: list[tuple[str, dict]], label: str, b: dict) -> dict[str, Run]:
     for i, (name, kw) in enumerate(plan, 1):
         _progress(i, len(plan), f"{label}: {name}", started)
         if kw["model"] == "vgg":
-            kw = {**kw, "image_size": b.get("vgg_image_size", VGG_IMAGE_SIZE)}
+            setup = b["vgg"]
+            kw = {"steps": b["vgg_steps"], "image_size": setup["image_size"],
+                  "batch_size": setup["batch_size"], "channels_last": setup["channels_last"],
+                  **kw}
         out[name] = fit(**kw)
     return out
+
+
+def _seeded(plan: list[tuple[str, dict]], b: dict) -> list[tuple[str, dict]]:
+    return [(f"{name} seed={seed}", {**kw, "seed": seed}) for seed in range(b["seeds"])
+            for name, kw in plan]
 
 
 # ---- the parts ----------------------------------------------------------------------------------
@@ -177,50 +283,63 @@ def part_eos(b: dict) -> dict:
                                                  every=b["dln_every"], lr=lr, norm=norm, thm=True,
                                                  log_spaced=True, max_iter=b["max_iter"]))
             for lr in (1e-6, 1e-7) for norm in ("none", "batch")]
-    plan += [(f"vgg lr={lr:g} norm={norm}", dict(model="vgg", steps=b["vgg_steps"],
-                                                 every=b["vgg_every"], lr=lr, norm=norm, thm=True,
-                                                 max_iter=b["max_iter"]))
+    plan += [(f"vgg lr={lr:g} norm={norm}", dict(model="vgg", every=b["vgg_every"], lr=lr,
+                                                 norm=norm, thm=True, max_iter=b["max_iter"]))
              for lr in (0.1, 0.5) for norm in ("none", "batch")]
     # the same VGG at lr 0.1 with lambda_max of one fixed loss (the first batch's): is "above
     # 2/lr" on the step's minibatch batch-to-batch noise, or the sharpness of the loss?
-    plan += [(f"vgg lr=0.1 norm={norm} fixed", dict(model="vgg", steps=b["vgg_steps"],
-                                                    every=b["vgg_every"], lr=0.1, norm=norm,
-                                                    fixed_batch=True, max_iter=b["max_iter"]))
+    plan += [(f"vgg lr=0.1 norm={norm} fixed", dict(model="vgg", every=b["vgg_every"], lr=0.1,
+                                                    norm=norm, fixed_batch=True,
+                                                    max_iter=b["max_iter"]))
              for norm in ("none", "batch")]
     return _runs(plan, "eos", b)
 
 
+OPTIMIZERS = {"sgd": dict(optimizer="sgd", lr=0.1),
+              # momentum 0.9 at the same lr takes 10x longer steps; at lr 0.01 the same ones
+              "sgd+momentum lr=0.1": dict(optimizer="sgd", lr=0.1, momentum=0.9),
+              "sgd+momentum lr=0.01": dict(optimizer="sgd", lr=0.01, momentum=0.9),
+              "adam": dict(optimizer="adam", lr=1e-3)}
+
+
 def part_optimizer(b: dict) -> dict:
-    opts = {"sgd": dict(optimizer="sgd", lr=0.1), "sgd+momentum": dict(optimizer="sgd", lr=0.1,
-                                                                       momentum=0.9),
-            "adam": dict(optimizer="adam", lr=1e-3)}
-    plan = [(f"{o} norm={norm}", dict(model="vgg", steps=b["vgg_steps"], every=b["vgg_every"],
-                                      max_iter=b["max_iter"], norm=norm, **kw))
-            for o, kw in opts.items() for norm in ("none", "batch")]
-    return _runs(plan, "optimizer", b)
+    plan = [(f"{o} norm={norm}", dict(model="vgg", every=b["vgg_every"], max_iter=b["max_iter"],
+                                      norm=norm, **kw))
+            for o, kw in OPTIMIZERS.items() for norm in ("none", "batch")]
+    return _runs(_seeded(plan, b), "optimizer", b)
 
 
 def part_init(b: dict) -> dict:
-    plan = [(f"{init} norm={norm}", dict(model="vgg", steps=b["vgg_steps"], every=b["vgg_every"],
-                                         max_iter=b["max_iter"], norm=norm, init=init, lr=0.1,
-                                         depth=16))
+    plan = [(f"{init} norm={norm}", dict(model="vgg", every=b["vgg_every"],
+                                         max_iter=b["max_iter"], norm=norm, init=init, lr=0.1))
             for init in ("glorot", "kaiming", "orthogonal", "default") for norm in ("none", "batch")]
-    return _runs(plan, "init", b)
+    return _runs(_seeded(plan, b), "init", b)
 
 
 def part_generalization(b: dict) -> dict:
-    plan = [(f"norm={norm} seed={s}", dict(model="vgg", steps=b["vgg_steps"], every=0,
-                                           norm=norm, lr=0.1, seed=s))
-            for norm in ("none", "batch") for s in range(b["seeds"])]
-    return _runs(plan, "generalization", b)
+    plan = [(f"norm={norm}", dict(model="vgg", every=0, eval_every=max(1, b["vgg_every"] // 2),
+                                  norm=norm, lr=0.1))
+            for norm in ("none", "batch")]
+    return _runs(_seeded(plan, b), "generalization", b)
+
+
+def at_matched_loss(run: Run, level: float) -> dict:
+    """Whole-set accuracies at the first evaluation where the whole training set's loss was at
+    most `level` (None: never)."""
+    test = dict(run.series("eval/test_acc"))
+    train = dict(run.series("eval/train_acc"))
+    for s, loss in run.series("eval/train_loss"):
+        if math.isfinite(loss) and loss <= level:
+            return {"step": s, "train_acc": train[s], "test_acc": test[s],
+                    "gap": train[s] - test[s]}
+    return {"step": None, "train_acc": None, "test_acc": None, "gap": None}
 
 
 def part_smoother(b: dict) -> dict:
-    plan = [(f"norm={norm}", dict(model="vgg", steps=b["vgg_steps"],
-                                  every=b["vgg_every"] // 2 or 1, max_iter=b["max_iter"],
-                                  norm=norm, lr=0.1))
+    plan = [(f"norm={norm}", dict(model="vgg", every=b["vgg_every"] // 2 or 1,
+                                  max_iter=b["max_iter"], norm=norm, lr=0.1))
             for norm in ("none", "batch", "layer", "group", "l1", "l2", "linf")]
-    return _runs(plan, "smoother", b)
+    return _runs(_seeded(plan, b), "smoother", b)
 
 
 def matched(run: Run, level: float) -> dict:
@@ -349,40 +468,55 @@ def figure_thm41(runs: dict, out: Path) -> None:
 
 
 def figure_curves(runs: dict, out: Path, filename: str, title: str) -> None:
-    """Training loss, lambda_max and beta_eff over steps, one line per run."""
+    """Training loss, lambda_max and beta_eff over steps: one colour per arm, one line per seed."""
     plt = pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    colours: dict[str, str] = {}
     for name, run in runs.items():
+        arm = arm_of(name)
+        first = arm not in colours
+        colour = colours.setdefault(arm, f"C{len(colours) % 10}")
+        label = arm if first else None
         loss = run.series("train/loss")
         k = max(1, len(loss) // 100)
-        axes[0].plot([s for s, _ in loss][::k], [v for _, v in loss][::k], label=name, lw=1)
+        axes[0].plot([s for s, _ in loss][::k], [v for _, v in loss][::k], label=label, lw=0.8,
+                     color=colour, alpha=0.8)
         for ax, key in zip(axes[1:], ("curv/lambda_max", "landscape/beta_eff")):
             pts = [(s, v) for s, v in run.series(key) if math.isfinite(v) and v > 0]
-            ax.plot([s for s, _ in pts], [v for _, v in pts], marker=".", lw=1, label=name)
+            ax.plot([s for s, _ in pts], [v for _, v in pts], marker=".", lw=0.8, color=colour,
+                    alpha=0.8, label=label)
     for ax, t in zip(axes, ("train loss", "lambda_max", "beta_eff")):
         ax.set_title(t)
         ax.set_yscale("log")
         ax.set_xlabel("step")
     axes[0].legend(fontsize=6)
-    fig.suptitle(title)
+    fig.suptitle(f"{title} (one line per seed)")
     fig.tight_layout()
     fig.savefig(out / filename, dpi=110)
     plt.close(fig)
 
 
-def figure_generalization(table: dict, out: Path) -> None:
+def figure_generalization(runs: dict, out: Path) -> None:
+    """Whole-set test accuracy against whole-set training loss over training, one line per run:
+    at the same training loss, which net generalizes better?"""
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    for i, (norm, row) in enumerate(table.items()):
-        for j, key in enumerate(("train_acc", "test_acc")):
-            vals = row[key]
-            ax.bar(i * 3 + j, statistics.mean(vals),
-                   yerr=statistics.stdev(vals) if len(vals) > 1 else 0, capsize=3,
-                   color="C0" if j == 0 else "C1", label=key if i == 0 else None)
-    ax.set_xticks([i * 3 + 0.5 for i in range(len(table))], list(table))
-    ax.set_ylim(0.8, 1.0)
-    ax.set_ylabel("accuracy (mean, std over seeds)")
-    ax.legend()
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    colours: dict[str, str] = {}
+    for name, run in runs.items():
+        arm = arm_of(name)
+        first = arm not in colours
+        colour = colours.setdefault(arm, f"C{len(colours) % 10}")
+        loss, test = dict(run.series("eval/train_loss")), dict(run.series("eval/test_acc"))
+        pts = [(loss[s], test[s]) for s in sorted(loss) if s in test and math.isfinite(loss[s])]
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=".", lw=0.8, color=colour,
+                label=arm if first else None)
+    for level in MATCHED_LOSSES:
+        ax.axvline(level, color="k", lw=0.5, ls=":")
+    ax.set_xscale("log")
+    ax.invert_xaxis()  # training goes left to right
+    ax.set_xlabel("loss on the whole training set")
+    ax.set_ylabel("test accuracy")
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out / "generalization.png", dpi=110)
     plt.close(fig)
@@ -414,8 +548,11 @@ def _save(out: Path, found: dict) -> None:
 
 
 def run(out: Path, budget: str = "mini", only: list[str] | None = None,
-        vgg_image_size: int = VGG_IMAGE_SIZE) -> dict:
-    b = {**BUDGETS[budget], "vgg_image_size": vgg_image_size}
+        vgg_setup: str = "faithful", seeds: int | None = None) -> dict:
+    setup = VGG_SETUPS[vgg_setup]
+    b = {"vgg_steps": setup["steps"], **BUDGETS[budget], "vgg_setup": vgg_setup, "vgg": setup}
+    if seeds is not None:
+        b["seeds"] = seeds
     out.mkdir(parents=True, exist_ok=True)
     parts = list(only or PARTS)
     found: dict = {"budget": budget, "settings": b}
@@ -439,28 +576,36 @@ def run(out: Path, budget: str = "mini", only: list[str] | None = None,
                                    for k, v in runs.items()},
                         "theorem41": thm}
         _save(out, found)
-    for part, fn, title in (("optimizer", part_optimizer, "optimizer x norm (VGG-11 digits)"),
-                            ("init", part_init, "init x norm (VGG-16 digits, lr 0.1)"),
-                            ("smoother", part_smoother, "normalizations (VGG-11 digits, lr 0.1)")):
+    net = f"VGG-11 w1/8, digits {setup['image_size']}x{setup['image_size']}"
+    for part, fn, title in (("optimizer", part_optimizer, f"optimizer x norm ({net})"),
+                            ("init", part_init, f"init x norm ({net}, lr 0.1)"),
+                            ("smoother", part_smoother, f"normalizations ({net}, lr 0.1)")):
         if part in parts:
             runs = fn(b)
             figure_curves(runs, out, f"{part}.png", title)
-            found[part] = {"runs": {k: summary(v) for k, v in runs.items()}}
+            rows = {k: summary(v, b["matched_acc"]) for k, v in runs.items()}
+            found[part] = {"runs": rows, "arms": over_seeds(rows), "matched_acc": b["matched_acc"]}
             if part == "smoother":
-                found[part]["matched"] = {k: matched(v, b["matched_acc"]) for k, v in runs.items()}
-                found[part]["matched_acc"] = b["matched_acc"]
+                m = {k: matched(v, b["matched_acc"]) for k, v in runs.items()}
+                found[part]["matched"] = m
+                found[part]["matched_arms"] = over_seeds(m)
             _save(out, found)
     if "generalization" in parts:
         runs = part_generalization(b)
-        table: dict[str, dict[str, list[float]]] = {}
+        figure_generalization(runs, out)
+        rows = {}
         for name, r in runs.items():
-            norm = name.split()[0].split("=")[1]
-            row = table.setdefault(norm, {"train_acc": [], "test_acc": [], "gap": []})
-            row["train_acc"].append(r.summary["train_acc"])
-            row["test_acc"].append(r.summary["test_acc"])
-            row["gap"].append(r.summary["train_acc"] - r.summary["test_acc"])
-        figure_generalization(table, out)
-        found["generalization"] = table
+            row = {"final_train_acc": r.summary["train_acc"], "final_test_acc": r.summary["test_acc"],
+                   "final_gap": r.summary["train_acc"] - r.summary["test_acc"]}
+            for level in MATCHED_LOSSES:
+                for k, v in at_matched_loss(r, level).items():
+                    row[f"loss<={level:g} {k}"] = v
+            rows[name] = row
+        found["generalization"] = {"runs": rows, "arms": over_seeds(rows),
+                                   "matched_losses": list(MATCHED_LOSSES),
+                                   "series": {k: {key: v.series(key) for key in
+                                                  ("eval/train_loss", "eval/test_acc")}
+                                              for k, v in runs.items()}}
         _save(out, found)
     if "lemma45" in parts:
         res = part_lemma45(b)
@@ -478,44 +623,70 @@ def _fmt(v) -> str:
     return str(v)
 
 
+def _ms(cell: dict | None) -> str:
+    """mean +- sd (n/N) of an over_seeds cell."""
+    if not cell or cell["mean"] is None:
+        return "-" if not cell else f"- (0/{cell['n_all']})"
+    n = "" if cell["n"] == cell["n_all"] == 1 else f" ({cell['n']}/{cell['n_all']})"
+    return f"{_fmt(cell['mean'])} +- {_fmt(cell['sd'])}{n}"
+
+
 def tables(found: dict) -> str:
-    """Markdown tables of a findings.json (what docs/FINDINGS.md quotes)."""
+    """Markdown tables of a findings.json (what docs/FINDINGS.md quotes). Seeded parts: mean +- sd
+    over the seeds with a value (n of N: a step count missing never reached its level, a loss
+    missing diverged)."""
     out = []
     cols = ("final_loss", "train_acc", "test_acc", "lambda_max_median", "lambda_max_last",
             "beta_eff_median", "beta_eff_last")
-    for part in ("eos", "optimizer", "init", "smoother"):
-        if part not in found:
-            continue
-        out.append(f"### {part}\n\n| run | " + " | ".join(cols) + " |\n|" + " --- |" * (len(cols) + 1))
-        for name, row in found[part]["runs"].items():
+    if "eos" in found:
+        out.append("### eos\n\n| run | " + " | ".join(cols) + " |\n|" + " --- |" * (len(cols) + 1))
+        for name, row in found["eos"]["runs"].items():
             out.append(f"| {name} | " + " | ".join(_fmt(row.get(c)) for c in cols) + " |")
-        if part == "smoother":
-            out.append(f"\nmatched at running train accuracy >= {found[part]['matched_acc']}:\n\n"
-                       "| run | step | lambda_max | beta_eff |\n| --- | --- | --- | --- |")
-            for name, m in sorted(found[part]["matched"].items(),
-                                  key=lambda kv: (kv[1]["lambda_max"] is None,
-                                                  kv[1]["lambda_max"] or 0)):
-                out.append(f"| {name} | {_fmt(m['step'])} | {_fmt(m['lambda_max'])} | "
-                           f"{_fmt(m['beta_eff'])} |")
-        if part == "eos" and found[part].get("theorem41"):
+        if found["eos"].get("theorem41"):
             out.append("\nTheorem 4.1 (min / max over measured steps and BN layers):\n\n"
                        "| run | lhs/rhs printed | lhs/rhs 1/m | units holding, printed | "
                        "units holding, 1/m |\n| --- | --- | --- | --- | --- |")
-            for name, t in found[part]["theorem41"].items():
+            for name, t in found["eos"]["theorem41"].items():
                 out.append(f"| {name} | " + " | ".join(
                     f"{_fmt(t[k]['min'])} / {_fmt(t[k]['max'])}" for k in
                     ("ratio_printed", "ratio_rederived", "holds_printed", "holds_rederived"))
                     + " |")
         out.append("")
+    seeded = ("final_loss", "train_acc", "test_acc", "steps_to_acc", "lambda_max_median",
+              "beta_eff_median")
+    for part in ("optimizer", "init", "smoother"):
+        if part not in found:
+            continue
+        arms = found[part].get("arms") or {}
+        level = found[part].get("matched_acc")
+        out.append(f"### {part}\n\n(mean +- sd over seeds; steps_to_acc: steps to a 20-step "
+                   f"mean training accuracy of {level})\n\n| arm | " + " | ".join(seeded)
+                   + " |\n|" + " --- |" * (len(seeded) + 1))
+        for arm, row in arms.items():
+            out.append(f"| {arm} | " + " | ".join(_ms(row.get(c)) for c in seeded) + " |")
+        if part == "smoother" and found[part].get("matched_arms"):
+            out.append(f"\nat the first measurement with running train accuracy >= {level}:\n\n"
+                       "| arm | step | lambda_max | beta_eff |\n| --- | --- | --- | --- |")
+            for arm, m in sorted(found[part]["matched_arms"].items(),
+                                 key=lambda kv: (kv[1]["lambda_max"]["mean"] is None,
+                                                 kv[1]["lambda_max"]["mean"] or 0)):
+                out.append(f"| {arm} | {_ms(m['step'])} | {_ms(m['lambda_max'])} | "
+                           f"{_ms(m['beta_eff'])} |")
+        out.append("")
     if "generalization" in found:
-        out.append("### generalization\n\n| norm | train acc | test acc | gap (mean, std) |\n"
-                   "| --- | --- | --- | --- |")
-        for norm, row in found["generalization"].items():
-            gap = row["gap"]
-            sd = statistics.stdev(gap) if len(gap) > 1 else 0.0
-            out.append(f"| {norm} | {statistics.mean(row['train_acc']):.4f} | "
-                       f"{statistics.mean(row['test_acc']):.4f} | "
-                       f"{statistics.mean(gap):.4f} +- {sd:.4f} (n={len(gap)}) |")
+        g = found["generalization"]
+        out.append("### generalization\n\n(whole-set accuracies, eval mode; at the first "
+                   "evaluation with the whole training set's loss <= the level)\n\n"
+                   "| norm | at | step | train acc | test acc | gap |\n"
+                   "| --- | --- | --- | --- | --- | --- |")
+        for arm, row in g["arms"].items():
+            for level in g["matched_losses"]:
+                k = f"loss<={level:g}"
+                out.append(f"| {arm} | {k} | {_ms(row[k + ' step'])} | "
+                           f"{_ms(row[k + ' train_acc'])} | {_ms(row[k + ' test_acc'])} | "
+                           f"{_ms(row[k + ' gap'])} |")
+            out.append(f"| {arm} | end | - | {_ms(row['final_train_acc'])} | "
+                       f"{_ms(row['final_test_acc'])} | {_ms(row['final_gap'])} |")
         out.append("")
     if "lemma45" in found:
         out.append("### lemma45\n\n| init | loss BN | loss plain | layers with <W0,W*> > 0 | "
@@ -535,9 +706,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="results/findings", help="output folder")
     parser.add_argument("--budget", choices=list(BUDGETS), default="mini")
     parser.add_argument("--only", nargs="+", choices=PARTS, help="run only these parts")
-    parser.add_argument("--vgg-image-size", type=int, choices=(8, 32), default=VGG_IMAGE_SIZE,
-                        help="side of the digits for the VGG parts: 8 (default, fast; no network "
-                             "without a norm trains there) or 32 (CIFAR's shape, ~10x slower)")
+    parser.add_argument("--vgg-setup", choices=list(VGG_SETUPS), default="faithful",
+                        help="the VGG parts' net: faithful (default: reproduce mini's VGG-11 w1/8 "
+                             "on 32x32x3 digits, 600 steps) or fast (8x8 digits, 300 steps, ~1/10 "
+                             "of the time; no network without a norm trains there)")
+    parser.add_argument("--seeds", type=int, default=None,
+                        help="seeds per arm of the optimizer, init, generalization and smoother "
+                             "parts (default: the budget's, 3 for mini)")
     parser.add_argument("--tables", action="store_true",
                         help="print OUT/findings.json as markdown tables; run nothing")
     args = parser.parse_args(argv)
@@ -548,6 +723,8 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("lightning.pytorch", "lightning.pytorch.utilities.rank_zero", "lightning.fabric"):
         logging.getLogger(name).setLevel(logging.ERROR)
     started = time.perf_counter()
-    run(Path(args.out), args.budget, args.only, args.vgg_image_size)
+    if args.seeds is not None and args.seeds < 1:
+        parser.error(f"--seeds must be >= 1; got {args.seeds}")
+    run(Path(args.out), args.budget, args.only, args.vgg_setup, args.seeds)
     print(f"findings written to {args.out} in {time.perf_counter() - started:.0f} s")
     return 0

@@ -47,8 +47,9 @@ CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 # size, optimizer and init. Without BN the network needs 100-360 steps to reach 90% training
 # accuracy at lr 0.1 (scripts/vgg_search.py, seeds 0-4, channels_last), so 600 steps leave every
 # seed well past its plateau.
+VGG_BATCH = 128
 VGG_DATA = ["--data=bnstudy.data.DigitsData", "--data.image_size=32", "--data.channels=3",
-            "--data.batch_size=128"]
+            f"--data.batch_size={VGG_BATCH}"]
 VGG_DEPTH = 11
 VGG_WIDTH = 0.125
 VGG_STEPS = 600      # 53 epochs of the 1,437 training digits
