@@ -12,6 +12,7 @@ Cases:
 Per case, each in its own process, one after the other:
   plain        the config's own model, loss, data and SGD (built by the CLI) in a bare loop on one
                thread; for the VGG in channels_last fp32, and again under bf16 autocast ("bf16")
+               and in NCHW fp32 (the channels_last speed-up: the rule for --model.channels_last)
   fit off      `python -m bnstudy fit --config ... --trainer.callbacks=[]`: everything as the
                config has it (W&B offline and metrics.csv, progress bar, LR and throughput
                monitors, divergence guard, checkpoints) but the instruments
@@ -80,8 +81,8 @@ if mode.startswith("plain"):
     if hasattr(data, "setup"):
         data.setup("fit")
     net, loss_fn = model.net, model.loss_fn
-    image = mode != "plain_dln"
-    if image:  # channels_last fp32 (and bf16 autocast for plain_bf16)
+    image = mode in ("plain", "plain_bf16")
+    if image:  # channels_last fp32 (and bf16 autocast for plain_bf16); plain_nchw: NCHW fp32
         net.to(memory_format=torch.channels_last)
     net.train()
     opt = torch.optim.SGD(net.parameters(), lr=model.lr)
@@ -171,8 +172,9 @@ def measure(case: str, repo: Path, tmp: Path, scale: float) -> dict:
     result = {"plain": child(f"plain_{kind}" if kind == "dln" else "plain", plain_window,
                              [*base, f"--run_dir={next(run_dirs)}"], repo)}
     if kind == "vgg":
-        result["bf16"] = child("plain_bf16", plain_window, [*base, f"--run_dir={next(run_dirs)}"],
-                               repo)
+        for mode in ("bf16", "nchw"):
+            result[mode] = child(f"plain_{mode}", plain_window,
+                                 [*base, f"--run_dir={next(run_dirs)}"], repo)
     result["off"] = child("fit", fit_window, [*fit, "--trainer.callbacks=[]",
                                               f"--run_dir={next(run_dirs)}"], repo)
     result["instr"] = child("fit", fit_window, [*fit, f"--run_dir={next(run_dirs)}"], repo)
@@ -192,6 +194,7 @@ def rows(case: str, load: str, r: dict, clock: str) -> list[str]:
     cells = [case, load, clock, f"{plain * 1e3:.2f}", f"{off * 1e3:.2f}", f"{instr * 1e3:.2f}",
              f"{plain / off:.2f}", f"{plain / instr:.2f} (>= {target})", f"{100 * quiet:+.1f}%"]
     cells.append(f"{r['plain'][clock] / r['bf16'][clock]:.2f}" if "bf16" in r else "")
+    cells.append(f"{r['nchw'][clock] / r['plain'][clock]:.2f}" if "nchw" in r else "")
     return cells
 
 
@@ -230,8 +233,9 @@ def main() -> int:
                     hot.wait()
     print(f"\nload average at the end {os.getloadavg()[0]:.1f}\n")
     print("| case | load | clock | plain ms/step | fit off ms/step | fit instr. ms/step "
-          "| fit off / plain | fit instr. / plain | no-probe step vs off | bf16 speed-up, plain |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          "| fit off / plain | fit instr. / plain | no-probe step vs off | bf16 speed-up, plain "
+          "| channels_last speed-up, plain fp32 |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for cells in table:
         print("| " + " | ".join(cells) + " |")
     return 0

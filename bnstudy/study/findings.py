@@ -660,11 +660,13 @@ def tables(found: dict) -> str:
             continue
         arms = found[part].get("arms") or {}
         level = found[part].get("matched_acc")
+        shown = [c for c in seeded  # a part without probes has no curvature columns
+                 if any((row.get(c) or {}).get("n") for row in arms.values())]
         out.append(f"### {part}\n\n(mean +- sd over seeds; steps_to_acc: steps to a 20-step "
-                   f"mean training accuracy of {level})\n\n| arm | " + " | ".join(seeded)
-                   + " |\n|" + " --- |" * (len(seeded) + 1))
+                   f"mean training accuracy of {level})\n\n| arm | " + " | ".join(shown)
+                   + " |\n|" + " --- |" * (len(shown) + 1))
         for arm, row in arms.items():
-            out.append(f"| {arm} | " + " | ".join(_ms(row.get(c)) for c in seeded) + " |")
+            out.append(f"| {arm} | " + " | ".join(_ms(row.get(c)) for c in shown) + " |")
         if part == "smoother" and found[part].get("matched_arms"):
             out.append(f"\nat the first measurement with running train accuracy >= {level}:\n\n"
                        "| arm | step | lambda_max | beta_eff |\n| --- | --- | --- | --- |")
