@@ -47,6 +47,8 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from bnstudy import probes  # noqa: E402
 from bnstudy.data import DigitsData  # noqa: E402
+from bnstudy.instruments.hvp import HVP  # noqa: E402
+from bnstudy.instruments.vectors import random_vector  # noqa: E402
 from bnstudy.models import VGG, DeepLinear, init_weights  # noqa: E402
 from bnstudy.instruments.spectrum import (default_grid, hessian_density, quadrature,  # noqa: E402
                                           smoothed_density)
@@ -130,9 +132,9 @@ def pyhessian_density(model, loss_fn, x, y, n_v: int, iters: int, seed: int):
     runs = []
     with probes.measuring(model) as state:
         params = [p for p in state.params.values() if p.requires_grad]
-        hvp = probes._HVP(model, loss_fn, x, y, params, sync=False)
+        hvp = HVP(model, loss_fn, x, y, params, sync=False)
         for _ in range(n_v):
-            v = normalization(probes._random_vector(params, gen, rademacher=True))
+            v = normalization(random_vector(params, gen, rademacher=True))
             v_list, alphas, betas = [v], [], []
             w = None
             for i in range(iters):
