@@ -29,7 +29,9 @@ Ratios are speeds (plain ms/step / fit ms/step, so 1.0 is as fast as the plain l
 fit off >= 0.75, fit with instruments >= 0.6 (DLN) and >= 0.8 (VGG, against channels_last fp32).
 "no-probe step": the median step of the fit with instruments, over the steps on which no probe
 runs, against the median step of the fit without them: what the Instruments callback costs when
-nothing is due (target <= +3%).
+nothing is due (target <= +3%). Two processes a minute apart: the machine's drift shows in it.
+"Instruments' hooks in a no-probe step": the same cost timed inside the instrumented process
+(the callback's hooks wrapped in a clock), as a share of its median no-probe step.
 "busy": a `while True` process pinned to CPU 0 runs meanwhile.
 """
 from __future__ import annotations
@@ -106,19 +108,42 @@ else:
     import lightning.pytorch as pl
 
     class Clock(pl.Callback):
-        # the clock at the start of every training step, and whether a probe runs in it
+        # the clock at the start of every training step, whether a probe runs in it, and the
+        # seconds the Instruments callback's own hooks took in it (timed inside this process, so
+        # the no-probe cost does not depend on two processes' machine states)
         def __init__(self):
-            self.times, self.active = [], []
+            self.times, self.active, self.hooks = [], [], []
+            self._wrapped = False
+            self._spent = 0.0
+
+        def _wrap(self, trainer):
+            for cb in trainer.callbacks:
+                if not hasattr(cb, "probes"):
+                    continue
+                for name in ("on_train_batch_start", "on_before_optimizer_step",
+                             "on_train_batch_end"):
+                    def timed(*a, _hook=getattr(cb, name), **k):
+                        t0 = time.perf_counter()
+                        try:
+                            return _hook(*a, **k)
+                        finally:
+                            self._spent += time.perf_counter() - t0
+                    setattr(cb, name, timed)
+            self._wrapped = True
 
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if not self._wrapped:
+                self._wrap(trainer)
             t = trainer.global_step
             if start <= t <= stop:
                 self.times.append((time.perf_counter(), time.process_time()))
+                self.hooks.append(self._spent)
                 probes = [p for c in trainer.callbacks for p in getattr(c, "probes", [])]
                 self.active.append(any(p.active(t) for p in probes))
 
         def on_train_end(self, trainer, pl_module):
-            report(self.times, self.active)
+            print(MARK + json.dumps({"times": self.times, "active": self.active,
+                                     "hooks": self.hooks}), flush=True)
 
     init = pl.Trainer.__init__
     @functools.wraps(init)  # the CLI reads the Trainer's arguments from its signature
@@ -145,7 +170,14 @@ def child(mode: str, window: tuple[int, int], args: list[str], repo: Path) -> di
     steps = [(b[0] - a[0], b[1] - a[1]) for a, b in zip(times, times[1:])]
     active = (out["active"] or [False] * len(times))[:len(steps)]
     quiet = [s for s, busy in zip(steps, active) if not busy] or steps
-    return {"wall": sum(s[0] for s in steps) / len(steps),
+    hooks = out.get("hooks") or []
+    # the Instruments hooks' seconds in each step (the counter is read at the next step's start,
+    # before that step's hooks run; this callback runs after Instruments in the list)
+    spent = [b - a for a, b in zip(hooks, hooks[1:])]
+    quiet_hooks = [h for h, busy in zip(spent, active) if not busy]
+    return {"hook_share": (statistics.median(quiet_hooks) / statistics.median(
+                s[0] for s in quiet)) if quiet_hooks else None,
+            "wall": sum(s[0] for s in steps) / len(steps),
             "cpu": sum(s[1] for s in steps) / len(steps),
             "quiet_wall": statistics.median(s[0] for s in quiet),
             "quiet_cpu": statistics.median(s[1] for s in quiet),
@@ -195,6 +227,8 @@ def rows(case: str, load: str, r: dict, clock: str) -> list[str]:
              f"{plain / off:.2f}", f"{plain / instr:.2f} (>= {target})", f"{100 * quiet:+.1f}%"]
     cells.append(f"{r['plain'][clock] / r['bf16'][clock]:.2f}" if "bf16" in r else "")
     cells.append(f"{r['nchw'][clock] / r['plain'][clock]:.2f}" if "nchw" in r else "")
+    share = r["instr"].get("hook_share")
+    cells.append(f"{100 * share:.2f}%" if share is not None and clock == "wall" else "")
     return cells
 
 
@@ -234,8 +268,8 @@ def main() -> int:
     print(f"\nload average at the end {os.getloadavg()[0]:.1f}\n")
     print("| case | load | clock | plain ms/step | fit off ms/step | fit instr. ms/step "
           "| fit off / plain | fit instr. / plain | no-probe step vs off | bf16 speed-up, plain "
-          "| channels_last speed-up, plain fp32 |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+          "| channels_last speed-up, plain fp32 | Instruments' hooks in a no-probe step |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for cells in table:
         print("| " + " | ".join(cells) + " |")
     return 0

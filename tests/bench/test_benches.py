@@ -40,3 +40,5 @@ def test_bench_overhead_prints_every_ratio_for_a_case():
     plain, off, instr = map(float, cells[3:6])
     assert float(cells[6]) == pytest.approx(plain / off, abs=0.01)
     assert float(cells[7].split()[0]) == pytest.approx(plain / instr, abs=0.01)
+    share = float(cells[11].rstrip("%"))  # the Instruments hooks, timed in their own process
+    assert 0 < share < 50
