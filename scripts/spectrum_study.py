@@ -16,7 +16,6 @@ quantity from the runs' landscape/*.npz, mean +- sd over the seeds."""
 from __future__ import annotations
 
 import argparse
-import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -26,6 +25,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bnstudy.analysis.claims import stat  # noqa: E402
 from bnstudy.study.reproduce import VGG_DATA, VGG_DEPTH, VGG_STEPS, VGG_WIDTH  # noqa: E402
 
 VGG = [*VGG_DATA, f"--model.depth={VGG_DEPTH}", f"--model.width={VGG_WIDTH}",
@@ -85,20 +85,13 @@ def table(out: Path) -> str:
                 cell.setdefault("surface_rise", []).append(float(np.nanmax(loss) - loss[c, c]))
                 cell.setdefault("surface_curv", []).append(float(np.mean(curv)))
 
-    def ms(values: list[float] | None) -> str:
-        if not values:
-            return "-"
-        sd = statistics.stdev(values) if len(values) > 1 else 0.0
-        return f"{statistics.mean(values):.3g} +- {sd:.2g}" + (
-            f" (n={len(values)})" if len(values) > 1 else "")
-
     keys = ("lambda_max", "lambda_min", "trace", "neg_mass", "top_layer", "layer_max_over_min",
             "surface_rise", "surface_curv")
     lines = ["| arm | step | " + " | ".join(keys) + " |", "|---|---|" + "---|" * len(keys)]
     for arm in sorted(rows):
         for step in sorted(rows[arm]):
             cell = rows[arm][step]
-            lines.append(f"| {arm} | {step} | " + " | ".join(ms(cell.get(k)) for k in keys) + " |")
+            lines.append(f"| {arm} | {step} | " + " | ".join(stat(cell.get(k, [])) for k in keys) + " |")
     return "\n".join(lines)
 
 

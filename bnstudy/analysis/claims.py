@@ -81,10 +81,10 @@ def final_test_acc(run: Run) -> float | None:
     return 0.1 if run.diverged else run.last("val/acc")
 
 
-def train_acc_curve(run: Run) -> list[tuple[int, float]]:
-    """Training accuracy, the running mean of the last SMOOTH logged values (one batch each)."""
+def train_acc_curve(run: Run, smooth: int = SMOOTH) -> list[tuple[int, float]]:
+    """Training accuracy, the running mean of the last `smooth` logged values (one batch each)."""
     pts = run.finite("train/acc")
-    return [(s, statistics.fmean(v for _, v in pts[max(0, i - SMOOTH + 1):i + 1]))
+    return [(s, statistics.fmean(v for _, v in pts[max(0, i - smooth + 1):i + 1]))
             for i, (s, _) in enumerate(pts)]
 
 
@@ -95,9 +95,9 @@ def final_train_acc(run: Run) -> float | None:
     return curve[-1][1] if curve else None
 
 
-def steps_to(run: Run, level: float = TRAIN_LEVEL) -> float:
+def steps_to(run: Run, level: float = TRAIN_LEVEL, smooth: int = SMOOTH) -> float:
     """First step at which the smoothed training accuracy reaches `level`; inf if never."""
-    return next((float(s) for s, v in train_acc_curve(run) if v >= level), math.inf)
+    return next((float(s) for s, v in train_acc_curve(run, smooth) if v >= level), math.inf)
 
 
 def first_loss(run: Run) -> float | None:

@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
 
+from bnstudy.analysis import claims
 from bnstudy.analysis.drawing import pyplot
 from bnstudy.analysis.runs import Run
 from bnstudy.data import DigitsData, GaussianRegressionData
@@ -203,13 +204,9 @@ def _finite(values):
 
 def steps_to(run: Run, level: float, window: int = 20) -> int | None:
     """The first step at which the mean training accuracy of the last `window` steps reached
-    `level` (None: never)."""
-    acc = run.series("train/acc")
-    for i, (s, _) in enumerate(acc):
-        last = [v for _, v in acc[max(0, i - window + 1):i + 1]]
-        if len(last) == min(window, i + 1) and statistics.mean(last) >= level:
-            return s
-    return None
+    `level` (None: never); the claims' rule with findings' every-step accuracy."""
+    step = claims.steps_to(run, level, smooth=window)
+    return int(step) if math.isfinite(step) else None
 
 
 def summary(run: Run, matched_acc: float = 0.9) -> dict:
