@@ -116,6 +116,7 @@ def test_steps_to_and_matched_loss_read_the_first_step_at_the_level():
     assert steps_to(run, 0.5) == 49
     assert at_matched_loss(run, 0.1) == {"step": 50, "train_acc": 0.98, "test_acc": 0.9,
                                          "gap": pytest.approx(0.08)}
+    assert at_matched_loss(run, 0.4)["step"] == 50  # 0.5 at step 25 is above the level
     assert at_matched_loss(run, 0.001)["step"] is None
 
 
