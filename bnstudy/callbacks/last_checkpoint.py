@@ -10,7 +10,10 @@ class LastCheckpoint(ModelCheckpoint):
     """last.ckpt every `every_minutes` of training (default 10), or every `every_n_train_steps`
     steps when that is given, and after the final step, whatever the monitored metric does
     (ModelCheckpoint's save_last only follows its own save triggers). Saved at the end of a
-    training step, the only point where a resumed run continues exactly.
+    training step, or of its validation when one follows it (both are points where a resumed
+    run continues exactly; Lightning resumes after a validation without repeating it), and only
+    once the step's row of metrics.csv is complete: a run killed right after the save resumes
+    to the rows of one never stopped.
 
     Time, not steps, by default: a VGG-16 checkpoint is 60 MB, and a fast run makes hundreds of
     steps a second. A SLURM requeue saves its own checkpoint at the step the signal arrives, so
