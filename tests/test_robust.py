@@ -98,8 +98,13 @@ def run_files(run_dir):
 
 @pytest.mark.slow
 def test_resume_with_another_config_is_refused_before_anything_is_written(quiet, capsys):
+    import wandb
+
     run_dir = quiet / "run"
     fit(run_dir, steps=3)
+    # wandb.finish() can return before W&B's service has written the run file's last records
+    # (the CI saw them land after the snapshot); tearing the service down waits for them
+    wandb.teardown()
     before = run_files(run_dir)
     rc = main(["fit", *TINY, "--trainer.max_steps=5", f"--run_dir={run_dir}",
                "--model.norm=none", "--model.lr=0.05"])
