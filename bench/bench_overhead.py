@@ -1,15 +1,16 @@
-"""`fit` as a user runs it against a plain one-thread PyTorch loop on the CPU: every ratio of
-issue 15 side by side in one run, idle and beside a process that keeps one core busy.
+"""`fit` as a user runs it against a plain one-thread PyTorch loop on the CPU: every speed ratio
+of the README's targets side by side, idle and beside a process that keeps one core busy, each
+measured --repeats times (interleaved) and printed as the median with its range.
 
     .venv/bin/python bench/bench_overhead.py                       # every case, idle and busy
-    .venv/bin/python bench/bench_overhead.py --loads idle --cases dln,dln_bn
+    .venv/bin/python bench/bench_overhead.py --loads idle --cases dln,dln_bn --repeats 5
     .venv/bin/python bench/bench_overhead.py --repo /tmp/old        # another checkout's code
 
 Cases:
   dln, dln_bn, dln_l1   configs/dln*.yaml: DLN 25 x 10 (none / BN / l1), full batch of 1,000
   vgg16, vgg11          the mini VGG (configs/vgg_bn.yaml, width 1/8, depth 16 or 11) on the
                         digits at 32x32x3, batch 128, as `reproduce mini` trains it
-Per case, each in its own process, one after the other:
+Per case and repeat, each in its own process, one after the other:
   plain        the config's own model, loss, data and SGD (built by the CLI) in a bare loop on one
                thread; for the VGG in channels_last fp32, and again under bf16 autocast ("bf16")
                and in NCHW fp32 (the channels_last speed-up: the rule for --model.channels_last)
@@ -19,14 +20,18 @@ Per case, each in its own process, one after the other:
   fit instr.   the same with the config's instruments, at the config's cadence (DLN: steps
                200-2,200, which hold 24 ICS/landscape, 4 random landscape, 48 activation and 4
                curvature measurements, about the full 10,000-step run's rate; VGG: steps 100-300,
-               4 ICS/landscape and 6 activation measurements, the 1,000-step mini run's rate, but
-               none of its 2 random-landscape ones)
+               4 ICS/landscape and 6 activation measurements, the 600-step mini run's rate)
+  fit paper    the same with the paper's instruments only (ICS, landscape along the gradient and
+               along random directions, activation statistics: the config's list without
+               bnstudy's own Curvature and Theorem 4.1 probes)
 Validation is off in the fits (the plain loop has none). Every process is timed inside itself
 (a callback records the clock at the start of each training step; start-up, the first steps and
 the end of the fit are left out), in wall time and in CPU time (CPU time is what a shared machine
 distorts least: it leaves out the time the process waited for a core).
-Ratios are speeds (plain ms/step / fit ms/step, so 1.0 is as fast as the plain loop); targets:
-fit off >= 0.75, fit with instruments >= 0.6 (DLN) and >= 0.8 (VGG, against channels_last fp32).
+Ratios are speeds (plain ms/step / fit ms/step, so 1.0 is as fast as the plain loop), computed
+within each repeat (the processes of one repeat run minutes apart at most) and then the median
+over repeats, with [min-max]; targets: fit off >= 0.75, fit with the paper's instruments >= 0.6
+(DLN) and >= 0.8 (VGG, against channels_last fp32).
 "no-probe step": the median step of the fit with instruments, over the steps on which no probe
 runs, against the median step of the fit without them: what the Instruments callback costs when
 nothing is due (target <= +3%). Two processes a minute apart: the machine's drift shows in it.
@@ -199,6 +204,8 @@ def measure(case: str, repo: Path, tmp: Path, scale: float) -> dict:
             instruments.write_text(paper.replace("layers: [5, 10]", "layers: [3, 6]")
                                    .replace("layers: [2, 3, 9, 11, 13]", "layers: [1, 2, 6, 7, 8]"))
         base.append(f"--trainer.callbacks={instruments}")
+    else:
+        instruments = repo / "configs" / "common" / f"instruments_{kind}.yaml"
     fit = [*base, f"--trainer.max_steps={fit_window[1] + 1}", "--trainer.limit_val_batches=0",
            "--trainer.enable_model_summary=false"]
     result = {"plain": child(f"plain_{kind}" if kind == "dln" else "plain", plain_window,
@@ -210,7 +217,27 @@ def measure(case: str, repo: Path, tmp: Path, scale: float) -> dict:
     result["off"] = child("fit", fit_window, [*fit, "--trainer.callbacks=[]",
                                               f"--run_dir={next(run_dirs)}"], repo)
     result["instr"] = child("fit", fit_window, [*fit, f"--run_dir={next(run_dirs)}"], repo)
+    papers = f"--trainer.callbacks={paper_only(instruments, tmp)}"
+    result["paper"] = child("fit", fit_window, [*fit, papers, f"--run_dir={next(run_dirs)}"], repo)
     return result
+
+
+PAPERS = ("ICS", "Landscape", "RandomLandscape", "ActivationStats")
+
+
+def paper_only(instruments: Path, tmp: Path) -> Path:
+    """The instruments file with the paper's probes only (bnstudy's Curvature and Theorem 4.1
+    probes left out)."""
+    import yaml
+
+    blocks = yaml.safe_load(instruments.read_text())
+    for block in blocks:
+        probes = block["init_args"]["probes"]
+        block["init_args"]["probes"] = [p for p in probes
+                                        if p["class_path"].rsplit(".", 1)[-1] in PAPERS]
+    out = tmp / f"paper_{instruments.name}"
+    out.write_text(yaml.safe_dump(blocks))
+    return out
 
 
 def burner() -> subprocess.Popen:
@@ -219,16 +246,31 @@ def burner() -> subprocess.Popen:
                             preexec_fn=lambda: os.sched_setaffinity(0, {0}))
 
 
-def rows(case: str, load: str, r: dict, clock: str) -> list[str]:
-    plain, off, instr = r["plain"][clock], r["off"][clock], r["instr"][clock]
-    quiet = r["instr"][f"quiet_{clock}"] / r["off"][f"quiet_{clock}"] - 1
+def spread(values: list[float], fmt: str = "{:.2f}") -> str:
+    """The median, and [min-max] when there are several."""
+    med, low, high = (fmt.format(f(values)) for f in (statistics.median, min, max))
+    return med if len(values) == 1 else f"{med} [{low}-{high}]"
+
+
+def rows(case: str, load: str, repeats: list[dict], clock: str) -> list[str]:
+    """One table row: every ratio within each repeat, then the median over the repeats."""
+    def ratio(num: str, den: str) -> list[float]:
+        return [r[num][clock] / r[den][clock] for r in repeats if num in r and den in r]
+
+    quiet = [100 * (r["instr"][f"quiet_{clock}"] / r["off"][f"quiet_{clock}"] - 1)
+             for r in repeats]
     target = 0.8 if case.startswith("vgg") else 0.6
-    cells = [case, load, clock, f"{plain * 1e3:.2f}", f"{off * 1e3:.2f}", f"{instr * 1e3:.2f}",
-             f"{plain / off:.2f}", f"{plain / instr:.2f} (>= {target})", f"{100 * quiet:+.1f}%"]
-    cells.append(f"{r['plain'][clock] / r['bf16'][clock]:.2f}" if "bf16" in r else "")
-    cells.append(f"{r['nchw'][clock] / r['plain'][clock]:.2f}" if "nchw" in r else "")
-    share = r["instr"].get("hook_share")
-    cells.append(f"{100 * share:.2f}%" if share is not None and clock == "wall" else "")
+    def ms(mode: str) -> str:
+        return f"{statistics.median(r[mode][clock] for r in repeats) * 1e3:.2f}"
+
+    cells = [case, load, clock, ms("plain"), ms("off"), ms("instr"), ms("paper"),
+             spread(ratio("plain", "off")), spread(ratio("plain", "instr")),
+             f"{spread(ratio('plain', 'paper'))} (>= {target})", spread(quiet, "{:+.1f}%")]
+    cells.append(spread(ratio("plain", "bf16")) if "bf16" in repeats[0] else "")
+    cells.append(spread(ratio("nchw", "plain")) if "nchw" in repeats[0] else "")
+    shares = [100 * r["instr"]["hook_share"] for r in repeats
+              if r["instr"].get("hook_share") is not None]
+    cells.append(spread(shares, "{:.2f}%") if shares and clock == "wall" else "")
     return cells
 
 
@@ -239,6 +281,8 @@ def main() -> int:
     parser.add_argument("--cases", default=",".join(CASES),
                         help=f"comma-separated, of {', '.join(CASES)}")
     parser.add_argument("--loads", nargs="+", default=["idle", "busy"], choices=["idle", "busy"])
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="measurements of each case and load, interleaved (median printed)")
     parser.add_argument("--scale", type=float, default=1.0,
                         help="multiply the timed windows (0.25 for a quick look)")
     args = parser.parse_args()
@@ -254,22 +298,29 @@ def main() -> int:
         for load in args.loads:
             hot = burner() if load == "busy" else None
             try:
-                for case in cases:
-                    started = time.perf_counter()
-                    r = measure(case, repo, Path(tmp), args.scale)
-                    table += [rows(case, load, r, clock) for clock in ("wall", "cpu")]
-                    print(f"  {case} {load} ({time.perf_counter() - started:.0f} s): "
-                          + ", ".join(f"{k} {v['wall'] * 1e3:.2f} ms/step" for k, v in r.items()),
-                          flush=True)
+                results = {case: [] for case in cases}
+                for rep in range(args.repeats):  # repeats outermost: drift spreads over cases
+                    for case in cases:
+                        started = time.perf_counter()
+                        r = measure(case, repo, Path(tmp), args.scale)
+                        results[case].append(r)
+                        print(f"  {case} {load} {rep + 1}/{args.repeats} "
+                              f"({time.perf_counter() - started:.0f} s): "
+                              + ", ".join(f"{k} {v['wall'] * 1e3:.2f} ms/step"
+                                          for k, v in r.items()), flush=True)
+                table += [rows(case, load, results[case], clock)
+                          for case in cases for clock in ("wall", "cpu")]
             finally:
                 if hot is not None:
                     hot.kill()
                     hot.wait()
-    print(f"\nload average at the end {os.getloadavg()[0]:.1f}\n")
+    print(f"\nload average at the end {os.getloadavg()[0]:.1f}; medians of {args.repeats} "
+          "repeats [min-max]\n")
     print("| case | load | clock | plain ms/step | fit off ms/step | fit instr. ms/step "
-          "| fit off / plain | fit instr. / plain | no-probe step vs off | bf16 speed-up, plain "
-          "| channels_last speed-up, plain fp32 | Instruments' hooks in a no-probe step |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "| fit paper ms/step | fit off / plain | fit instr. / plain | fit paper / plain "
+          "| no-probe step vs off | bf16 speed-up, plain | channels_last speed-up, plain fp32 "
+          "| Instruments' hooks in a no-probe step |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for cells in table:
         print("| " + " | ".join(cells) + " |")
     return 0

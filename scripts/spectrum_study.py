@@ -1,5 +1,5 @@
 """The Hessian's spectrum and the 2-D loss surface over training, with and without BN, on the
-faithful miniature (issue 17's findings; docs/FINDINGS.md, "The whole spectrum").
+faithful miniature (docs/FINDINGS.md, "The whole spectrum").
 
     .venv/bin/python scripts/spectrum_study.py --out results/spectrum            # train + measure
     .venv/bin/python scripts/spectrum_study.py --out results/spectrum --table    # the tables only

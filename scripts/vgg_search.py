@@ -1,4 +1,4 @@
-"""Search for the miniature VGG on which the paper's figure-1 pattern holds in every seed (issue 14).
+"""Search for the miniature VGG on which the paper's figure-1 pattern holds in every seed.
 
     python scripts/vgg_search.py --candidates 11:0.125 16:0.0625 --norms none batch \\
         --lrs 0.1 0.5 --seeds 0 1 2 3 4 --steps 1500          # the decisive arms, two candidates
@@ -38,7 +38,7 @@ steps and the test accuracy is >= 90% ("stopped at" in the table); its record th
 a shorter budget is graded from it only up to that step. A diverged run stops at its non-finite
 loss. A run that stays at chance goes to the end of the budget.
 
-The criteria (issue 14, must-have 1), checked in every seed by the second table: without a norm at
+The criteria (docs/RESULTS.md, "The mini VGG"), checked in every seed by the second table: without a norm at
 lr 0.1 the network trains, later than with BN, and ends above chance (the claims' baseline gate);
 at lr 0.5 it stays at chance or diverges, while BN trains.
 
@@ -407,7 +407,7 @@ def load(path: Path) -> dict:
 def save(path: Path, doc: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    head = {"about": "scripts/vgg_search.py: the miniature VGG search (issue 14); "
+    head = {"about": "scripts/vgg_search.py: the miniature VGG search; "
                      "`python scripts/vgg_search.py --table --out THIS` prints its tables",
             "torch": torch.__version__}
     # one line per record: small, and a diff shows which runs changed

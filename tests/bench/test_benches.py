@@ -34,11 +34,40 @@ def test_bench_spectrum_counts_the_products_of_each_method():
 
 
 def test_bench_overhead_prints_every_ratio_for_a_case():
-    out = bench("bench/bench_overhead.py", "--cases", "dln", "--loads", "idle", "--scale", "0.02")
+    out = bench("bench/bench_overhead.py", "--cases", "dln", "--loads", "idle", "--scale", "0.02",
+                "--repeats", "1")
     row = next(line for line in out.splitlines() if line.startswith("| dln | idle | wall |"))
     cells = [c.strip() for c in row.strip("|").split("|")]
-    plain, off, instr = map(float, cells[3:6])
-    assert float(cells[6]) == pytest.approx(plain / off, abs=0.01)
-    assert float(cells[7].split()[0]) == pytest.approx(plain / instr, abs=0.01)
-    share = float(cells[11].rstrip("%"))  # the Instruments hooks, timed in their own process
+    plain, off, instr, paper = map(float, cells[3:7])
+    assert float(cells[7]) == pytest.approx(plain / off, abs=0.01)
+    assert float(cells[8]) == pytest.approx(plain / instr, abs=0.01)
+    assert float(cells[9].split()[0]) == pytest.approx(plain / paper, abs=0.01)
+    share = float(cells[13].rstrip("%"))  # the Instruments hooks, timed in their own process
     assert 0 < share < 50
+
+
+def test_bench_overhead_takes_ratios_within_each_repeat_and_their_median(tmp_path):
+    tmp = tmp_path
+    sys.path.insert(0, str(REPO / "bench"))
+    from bench_overhead import paper_only, rows
+
+    def repeat(plain, off, instr, pap):
+        r = {k: {"wall": v, "cpu": v, "quiet_wall": v, "quiet_cpu": v}
+             for k, v in (("plain", plain), ("off", off), ("instr", instr), ("paper", pap))}
+        r["instr"]["hook_share"] = 0.01
+        return r
+
+    # a machine twice as slow in the second repeat: the ratios stay; the third is an outlier
+    cells = rows("dln", "idle", [repeat(1, 1.25, 2, 1.6), repeat(2, 2.5, 4, 3.2),
+                                 repeat(1, 2, 2, 2)], "wall")
+    assert cells[7] == "0.80 [0.50-0.80]"     # fit off / plain: 0.8, 0.8, 0.5
+    assert cells[8] == "0.50 [0.50-0.50]"
+    assert cells[9] == "0.62 [0.50-0.62] (>= 0.6)"
+    assert cells[10] == "+60.0% [+0.0%-+60.0%]"
+    # the paper's probes: the config's list without Curvature and BNGradientBound
+    import yaml
+    listed = paper_only(REPO / "configs/common/instruments_dln.yaml", tmp)
+    blocks = yaml.safe_load(listed.read_text())
+    assert [p["class_path"] for p in blocks[0]["init_args"]["probes"]] == [
+        f"bnstudy.instruments.{name}" for name in ("ICS", "Landscape", "RandomLandscape",
+                                                   "ActivationStats")]

@@ -19,7 +19,7 @@ from conftest import REPO
 
 SWEEPS = sorted((REPO / "sweeps").glob("*.yaml"))
 
-# The grids the issue asks for: the paper's figures and docs/protocol.md section 8's open questions.
+# The grids the study needs: the paper's figures and docs/protocol.md section 8's open questions.
 REQUIRED = {"fig1_norm_lr", "fig2_noisy_bn", "fig3_ics_vgg", "fig3_ics_dln", "fig4_landscape_vgg",
             "fig5_lp_vgg", "fig5_lp_dln", "q_optimizer", "q_init_vgg", "q_init_dln", "q_seeds"}
 
