@@ -7,6 +7,8 @@ change in the machine's load hits all of them alike).
     .venv/bin/python bench/bench_startup.py [--repeats 5]
     .venv/bin/python bench/bench_startup.py --repo ../old-checkout       # both checkouts, side by side
     .venv/bin/python bench/bench_startup.py --repo ../old-checkout --plan --repeats 1
+    .venv/bin/python bench/bench_startup.py --repo ../old-checkout --plan --plan-alone \
+        --plan-only 'dln_*' --plan-scale 1 --repeats 1     # the plan's 8 DLN runs at full length
 
 "fit to first step": `python -m bnstudy fit` of configs/dln.yaml and of the mini VGG of
 `reproduce mini` (VGG-16 w0.125 on 32x32x3 digits), from the launch of the process to the start
@@ -51,7 +53,29 @@ for name in sys.argv[1:]:
     __import__(name)
     print(name, time.time() - t, time.process_time() - c)
 """
-PLAN = ["--only", "dln_*,vgg_lr0.1,vgg_bn_lr0.1", "--steps-scale", "0.01"]
+PLAN_ONLY, PLAN_SCALE = "dln_*,vgg_lr0.1,vgg_bn_lr0.1", 0.01
+
+
+def plan_args(repo: Path, only: str, scale: float) -> list[str]:
+    """The same plan in either checkout: one seed where `reproduce` has --seeds (runs <arm>_s0,
+    seeded 0), as a checkout from before seeds ran it."""
+    module = repo / "bnstudy" / "study" / "reproduce.py"
+    module = module if module.exists() else repo / "bnstudy" / "reproduce.py"
+    seeds = ["--seeds", "1"] if "--seeds" in module.read_text() else []
+    return ["--only", only, "--steps-scale", str(scale), *seeds, "--no-report"]
+
+
+def plan(repo: Path, out: Path, args: list[str]) -> tuple[float, float]:
+    """Wall and CPU seconds of a whole `reproduce mini` invocation, its runs included; every run
+    must have finished."""
+    wall, cpu, _, err = launch([sys.executable, "-m", "bnstudy", "reproduce", "mini",
+                                "--out", str(out), *args], repo)
+    runs = sorted((out / "runs").iterdir()) if (out / "runs").exists() else []
+    unfinished = [r.name for r in runs if not (r / "done.json").exists()]
+    if not runs or unfinished:
+        sys.exit(f"bench_startup: reproduce in {repo} left runs unfinished "
+                 f"({unfinished or 'no runs'}):\n{err[-3000:]}")
+    return wall, cpu
 
 
 def env_for(repo: Path) -> dict:
@@ -107,13 +131,27 @@ def main() -> None:
     parser.add_argument("--repo", type=Path, default=None,
                         help="another checkout (e.g. of an earlier commit), measured beside this")
     parser.add_argument("--plan", action="store_true",
-                        help=f"also time `reproduce mini {' '.join(PLAN)} --no-report`")
+                        help="also time a `reproduce mini` plan, --no-report (in each checkout)")
+    parser.add_argument("--plan-only", default=PLAN_ONLY, metavar="PATTERNS",
+                        help=f"the plan's runs (reproduce --only; default {PLAN_ONLY!r})")
+    parser.add_argument("--plan-scale", type=float, default=PLAN_SCALE, metavar="S",
+                        help=f"the plan's --steps-scale (default {PLAN_SCALE}: mostly start-up; "
+                             "1 for the runs at their full length)")
+    parser.add_argument("--plan-alone", action="store_true",
+                        help="only the plan (no imports, start-up or CLI timings)")
     args = parser.parse_args()
     repos = {"this": REPO} | ({"other": args.repo.resolve()} if args.repo else {})
     tmp = Path(tempfile.mkdtemp(prefix="bench_startup_"))
     print(f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}; "
           f"this: {REPO}" + (f"; other: {repos['other']}" if args.repo else ""), flush=True)
 
+    if not args.plan_alone:
+        startup(args, repos, tmp)
+    if args.plan:
+        plans(args, repos, tmp)
+
+
+def startup(args, repos: dict[str, Path], tmp: Path) -> None:
     # imports, each on top of lightning.pytorch (this checkout's bnstudy)
     marginal: dict[str, list[tuple[float, float]]] = {}
     for _ in range(args.repeats):
@@ -156,22 +194,24 @@ def main() -> None:
             print(f"  {label:5s} {name:32s} {median(walls):6.2f}  (min {min(walls):.2f}, "
                   f"max {max(walls):.2f})")
 
-    if args.plan:
-        print(f"\nreproduce mini {' '.join(PLAN)} --no-report (s, wall / CPU of the whole "
-              "invocation, its runs included):")
-        plans: dict[str, list[tuple[float, float]]] = {}
-        for i in range(args.repeats):
-            for label, repo in repos.items():
-                out = tmp / f"plan_{label}_{i}"
-                wall, cpu, _, err = launch([sys.executable, "-m", "bnstudy", "reproduce", "mini",
-                                            "--out", str(out), *PLAN, "--no-report"], repo)
-                plans.setdefault(label, []).append((wall, cpu))
-                print(f"  {label:5s} run {i + 1}: {wall:6.1f} / {cpu:6.1f}", flush=True)
-        if args.repo:
-            new, old = plans["this"], plans["other"]
-            print(f"  this/other: wall {median(w for w, _ in new) / median(w for w, _ in old):.2f}"
-                  f", CPU {median(c for _, c in new) / median(c for _, c in old):.2f}")
 
+
+def plans(args, repos: dict[str, Path], tmp: Path) -> None:
+    print(f"\nreproduce mini --only {args.plan_only!r} --steps-scale {args.plan_scale}, one seed, "
+          "--no-report (s, wall / CPU of the whole invocation, its runs included):", flush=True)
+    times: dict[str, list[tuple[float, float]]] = {}
+    for i in range(args.repeats):
+        # the order alternates, so that a trend in the machine's speed favours neither
+        for label, repo in (list(repos.items()) if i % 2 == 0 else list(repos.items())[::-1]):
+            wall, cpu = plan(repo, tmp / f"plan_{label}_{i}",
+                             plan_args(repo, args.plan_only, args.plan_scale))
+            times.setdefault(label, []).append((wall, cpu))
+            print(f"  {label:5s} run {i + 1}: {wall:6.1f} / {cpu:6.1f}", flush=True)
+    if "other" in times:
+        new, old = times["this"], times["other"]
+        print(f"  other/this (speed-up of this checkout): wall "
+              f"{median(w for w, _ in old) / median(w for w, _ in new):.2f}, "
+              f"CPU {median(c for _, c in old) / median(c for _, c in new):.2f}")
 
 if __name__ == "__main__":
     main()

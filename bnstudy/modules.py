@@ -54,6 +54,15 @@ class StudyModule(L.LightningModule):
         self._step_outputs = None  # (loss, outputs, targets) of the step in progress
         self._noise_layers: list[BatchNoise] | None = None
 
+    def __setattr__(self, name: str, value) -> None:
+        # Lightning sets _current_fx_name around every hook it calls, about 36 times a training
+        # step; nn.Module.__setattr__ searches its parameter, buffer and module dicts each time
+        # (1.75 us against 0.15 for a plain attribute here: about 2% of a DLN step)
+        if name == "_current_fx_name":
+            object.__setattr__(self, name, value)
+        else:
+            super().__setattr__(name, value)
+
     # -- fast paths (configs/fast.yaml) ----------------------------------------------------------
     # The net stays the plain nn.Module: probes, checkpoints and DDP see it; only the training
     # step's forward goes through the compiled wrapper, which shares its parameters and buffers.

@@ -71,3 +71,15 @@ def test_bench_overhead_takes_ratios_within_each_repeat_and_their_median(tmp_pat
     assert [p["class_path"] for p in blocks[0]["init_args"]["probes"]] == [
         f"bnstudy.instruments.{name}" for name in ("ICS", "Landscape", "RandomLandscape",
                                                    "ActivationStats")]
+
+
+def test_bench_startup_times_the_same_plan_in_both_checkouts(tmp_path):
+    """--repo names another checkout; here this one again, so both run the same code: each
+    invocation must finish its run (one seed), and the speed-up line compares their medians."""
+    out = bench("bench/bench_startup.py", "--repo", str(REPO), "--plan", "--plan-alone",
+                "--plan-only", "dln_lr1e-6", "--plan-scale", "0.001", "--repeats", "1")
+    times = dict(re.findall(r"^  (this|other) run 1: +([\d.]+) /", out, re.M))
+    assert set(times) == {"this", "other"}
+    speedup = float(re.search(r"other/this \(speed-up of this checkout\): wall ([\d.]+)",
+                              out).group(1))
+    assert speedup == pytest.approx(float(times["other"]) / float(times["this"]), abs=0.01)
