@@ -78,7 +78,7 @@ def test_bench_startup_times_the_same_plan_in_both_checkouts(tmp_path):
     invocation must finish its run (one seed), and the speed-up line compares their medians."""
     out = bench("bench/bench_startup.py", "--repo", str(REPO), "--plan", "--plan-alone",
                 "--plan-only", "dln_lr1e-6", "--plan-scale", "0.001", "--repeats", "1")
-    times = dict(re.findall(r"^  (this|other) run 1: +([\d.]+) /", out, re.M))
+    times = dict(re.findall(r"^  (this|other) +run 1: +([\d.]+) /", out, re.M))
     assert set(times) == {"this", "other"}
     speedup = float(re.search(r"other/this \(speed-up of this checkout\): wall ([\d.]+)",
                               out).group(1))
