@@ -51,6 +51,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import yaml
+
 REPO = Path(__file__).resolve().parents[1]
 VGG_MINI = ["--data=bnstudy.data.DigitsData", "--data.image_size=32", "--data.channels=3",
             "--data.batch_size=128", "--model.width=0.125", "--model.channels_last=true"]
@@ -204,8 +206,9 @@ def measure(case: str, repo: Path, tmp: Path, scale: float) -> dict:
             instruments.write_text(paper.replace("layers: [5, 10]", "layers: [3, 6]")
                                    .replace("layers: [2, 3, 9, 11, 13]", "layers: [1, 2, 6, 7, 8]"))
         base.append(f"--trainer.callbacks={instruments}")
-    else:
-        instruments = repo / "configs" / "common" / f"instruments_{kind}.yaml"
+    else:  # the instruments file the config names
+        config = repo / "configs" / spec["config"]
+        instruments = config.parent / yaml.safe_load(config.read_text())["trainer"]["callbacks"]
     fit = [*base, f"--trainer.max_steps={fit_window[1] + 1}", "--trainer.limit_val_batches=0",
            "--trainer.enable_model_summary=false"]
     result = {"plain": child(f"plain_{kind}" if kind == "dln" else "plain", plain_window,
@@ -228,8 +231,6 @@ PAPERS = ("ICS", "Landscape", "RandomLandscape", "ActivationStats")
 def paper_only(instruments: Path, tmp: Path) -> Path:
     """The instruments file with the paper's probes only (bnstudy's Curvature and Theorem 4.1
     probes left out)."""
-    import yaml
-
     blocks = yaml.safe_load(instruments.read_text())
     for block in blocks:
         probes = block["init_args"]["probes"]
