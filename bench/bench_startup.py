@@ -206,7 +206,7 @@ def plans(args, repos: dict[str, Path], tmp: Path) -> None:
             wall, cpu = plan(repo, tmp / f"plan_{label}_{i}",
                              plan_args(repo, args.plan_only, args.plan_scale))
             times.setdefault(label, []).append((wall, cpu))
-            print(f"  {label:5s} run {i + 1}: {wall:6.1f} / {cpu:6.1f}", flush=True)
+            print(f"  {label:5s} run {i + 1}: {wall:7.2f} / {cpu:7.2f}", flush=True)
     if "other" in times:
         new, old = times["this"], times["other"]
         print(f"  other/this (speed-up of this checkout): wall "
