@@ -90,6 +90,26 @@ class VGG(nn.Module):
         return self.classifier(torch.flatten(self.features(x), 1))
 
 
+class FeatureMajorLinear(nn.Linear):
+    """nn.Linear computing y = (W x^T)^T: the same product, with y stored one row per unit
+    (a transposed view, strides (1, batch)).
+
+    Why: the DLN multiplies a full batch of 1,000 samples by 10 x 10 weights, and MKL's sgemm
+    for a 1000 x 10 row-major result is about 5x slower on a CPU than for its 10 x 1000
+    transpose (31 against 6 us here); the backward's two products gain as much. Elementwise ops
+    and the norms' per-unit reductions keep the layout, so a step of the 25-layer DLN without a
+    norm runs about 2x faster. The numbers equal nn.Linear's up to float rounding (the sums run
+    in another order); `DeepLinear(feature_major=False)` keeps nn.Linear's rounding.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 2:
+            return super().forward(x)
+        if self.bias is None:
+            return torch.mm(self.weight, x.t()).t()
+        return torch.addmm(self.bias.unsqueeze(1), self.weight, x.t()).t()
+
+
 class DeepLinear(nn.Module):
     """Deep linear network: `depth` fully connected `dim` x `dim` layers, no non-linearity
     (`dim` as in DLNModule and the data).
@@ -105,13 +125,15 @@ class DeepLinear(nn.Module):
         noise: NoiseConfig | None = None,
         bias: bool = False,
         groups: int = 32,
+        feature_major: bool = True,
     ):
         super().__init__()
         if depth < 1:
             raise ValueError(f"depth must be >= 1; got {depth}")
+        linear = FeatureMajorLinear if feature_major else nn.Linear
         layers: list[nn.Module] = []
         for i in range(depth):
-            layers.append(nn.Linear(dim, dim, bias=bias))
+            layers.append(linear(dim, dim, bias=bias))
             if i < depth - 1 and norm != "none":
                 layers.append(make_norm(norm, dim, spatial=False, noise=noise, layer_index=i,
                                         groups=groups))

@@ -296,11 +296,12 @@ class DLNModule(StudyModule):
         channels_last: bool = False,
         compile: bool = False,
         compile_mode: CompileMode = "auto",
+        feature_major: bool = True,
     ):
         super().__init__(lr, optimizer, momentum, weight_decay, betas, schedule, init, init_scale,
                          channels_last, compile, compile_mode)
         self.save_hyperparameters()
-        self.net = DeepLinear(depth, dim, norm, noise, bias, groups)
+        self.net = DeepLinear(depth, dim, norm, noise, bias, groups, feature_major)
         self._init_net()
         self.example_input_array = torch.zeros(1, dim)  # the model summary's FLOPs and sizes
 

@@ -145,6 +145,79 @@ class BatchNoise(nn.Module):
         return ", ".join(f"{k}={v}" for k, v in vars(self.cfg).items()) + f", seed={self.seed}"
 
 
+def _lp_stats(x: torch.Tensor, p: float, eps: float, dims: list[int]):
+    """Per-unit (mean, stat, norm): stat is what the running average tracks, norm the divisor."""
+    mean = x.mean(dim=dims)
+    if p == math.inf:
+        stat = x.abs().amax(dim=dims)
+        return mean, stat, stat + eps
+    if p == 1:
+        stat = x.abs().mean(dim=dims).add(eps)
+    else:
+        stat = x.square().mean(dim=dims).add(eps).sqrt()
+    return mean, stat, stat
+
+
+def _lp_reference(x, weight, bias, p, eps, dims, shape):
+    """The definition as autograd differentiates it: what _LpNormFn computes, op by op."""
+    mean, _, norm = _lp_stats(x, p, eps, dims)
+    scale = weight / norm
+    shift = bias - mean * scale
+    return torch.addcmul(shift.view(shape), x, scale.view(shape))
+
+
+class _LpNormFn(torch.autograd.Function):
+    """LpNorm's training forward with its gradient written out: about half the ops autograd
+    records for the definition (a DLN step with an lp norm is bound by the number of ops on its
+    tiny layers, not by their arithmetic). A backward that itself needs a graph (create_graph:
+    the Hessian-vector products of Curvature) goes through `_lp_reference` instead, so second
+    derivatives are autograd's own."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, p, eps, dims, shape):
+        mean, stat, norm = _lp_stats(x, p, eps, dims)
+        scale = weight / norm
+        y = torch.addcmul((bias - mean * scale).view(shape), x, scale.view(shape))
+        ctx.save_for_backward(x, weight, bias, mean, stat, norm, scale)
+        ctx.p, ctx.eps, ctx.dims, ctx.shape = p, eps, dims, shape
+        ctx.mark_non_differentiable(mean, stat)
+        return y, mean, stat
+
+    @staticmethod
+    def backward(ctx, g, _mean, _stat):
+        x, weight, bias, mean, stat, norm, scale = ctx.saved_tensors
+        p, dims, shape = ctx.p, ctx.dims, ctx.shape
+        if torch.is_grad_enabled():  # create_graph: differentiate the definition
+            with torch.enable_grad():
+                inputs = [t for t, need in zip((x, weight, bias), ctx.needs_input_grad) if need]
+                grads = iter(torch.autograd.grad(
+                    _lp_reference(x, weight, bias, p, ctx.eps, dims, shape), inputs, g,
+                    create_graph=True))
+            return (*(next(grads) if need else None for need in ctx.needs_input_grad[:3]),
+                    None, None, None, None)
+        n = x.numel() // x.shape[1]
+        g_sum = g.sum(dim=dims)
+        # dL/dscale = sum g (x - mean); y depends on norm only through scale = weight / norm
+        d_scale = (g * x).sum(dim=dims) - mean * g_sum
+        grad_x = grad_w = None
+        if ctx.needs_input_grad[0]:
+            d_norm = -d_scale * scale / norm  # dL/dnorm
+            # y = scale x + bias - mean scale: through x directly and through mean
+            grad_x = torch.addcmul((-scale * g_sum / n).view(shape), g, scale.view(shape))
+            if p == 1:  # norm = mean |x| + eps
+                grad_x.addcmul_(x.sign(), (d_norm / n).view(shape))
+            elif p == 2:  # norm = sqrt(mean x^2 + eps)
+                grad_x.addcmul_(x, (d_norm / (n * norm)).view(shape))
+            else:  # norm = max |x| + eps: amax's gradient, shared evenly by ties as autograd does
+                hit = x.abs() == stat.view(shape)
+                ties = hit.sum(dim=dims, keepdim=True)
+                grad_x.addcmul_(hit * x.sign(), d_norm.view(shape) / ties)
+        if ctx.needs_input_grad[1]:
+            grad_w = d_scale / norm
+        grad_b = g_sum if ctx.needs_input_grad[2] else None
+        return grad_x, grad_w, grad_b, None, None, None, None
+
+
 class LpNorm(nn.Module):
     """Fix the first moment as BN does, then divide by the lp norm of the raw activations.
 
@@ -172,24 +245,18 @@ class LpNorm(nn.Module):
         dims = [0] + list(range(2, x.dim()))
         shape = (1, -1) + (1,) * (x.dim() - 2)
         if self.training:
-            mean = x.mean(dim=dims)
-            if self.p == math.inf:
-                stat = x.abs().amax(dim=dims)
-            elif self.p == 1:
-                stat = x.abs().mean(dim=dims).add(self.eps)
-            else:
-                stat = x.square().mean(dim=dims).add(self.eps).sqrt()
+            y, mean, stat = _LpNormFn.apply(x, self.weight, self.bias, self.p, self.eps, dims,
+                                            shape)
             with torch.no_grad():
-                self.running_mean.lerp_(mean.detach().to(self.running_mean.dtype), self.momentum)
-                self.running_norm.lerp_(stat.detach().to(self.running_norm.dtype), self.momentum)
+                self.running_mean.lerp_(mean.to(self.running_mean.dtype), self.momentum)
+                self.running_norm.lerp_(stat.to(self.running_norm.dtype), self.momentum)
                 self.num_batches_tracked += 1
-        else:
-            mean, stat = self.running_mean, self.running_norm
-        norm = stat + self.eps if self.p == math.inf else stat
+            return y
         # (x - mean) / norm * weight + bias as one pass over x: the per-unit scale and shift are
         # vectors, and the DLN's tiny layers are bound by the number of ops (1.5x faster so)
+        norm = self.running_norm + self.eps if self.p == math.inf else self.running_norm
         scale = self.weight / norm
-        shift = self.bias - mean * scale
+        shift = self.bias - self.running_mean * scale
         return torch.addcmul(shift.view(shape), x, scale.view(shape))
 
     def extra_repr(self) -> str:

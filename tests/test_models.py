@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from bnstudy.data import GaussianRegressionData
-from bnstudy.models import VGG, VGG_PLANS, DeepLinear, init_weights
+from bnstudy.models import VGG, VGG_PLANS, DeepLinear, FeatureMajorLinear, init_weights
 from bnstudy.modules import DLNModule, VGGModule
 
 
@@ -36,10 +36,34 @@ def test_vgg_takes_input_shape_from_data():
 def test_dln_norm_after_every_layer_but_the_last():
     net = DeepLinear(depth=25, dim=10, norm="batch")
     kinds = [type(m) for m in net.layers]
-    assert kinds.count(nn.Linear) == 25 and kinds.count(nn.BatchNorm1d) == 24
-    assert kinds[-1] is nn.Linear and kinds[-2] is nn.BatchNorm1d
+    assert kinds.count(FeatureMajorLinear) == 25 and kinds.count(nn.BatchNorm1d) == 24
+    assert kinds[-1] is FeatureMajorLinear and kinds[-2] is nn.BatchNorm1d
     assert all(m.bias is None for m in net.layers if isinstance(m, nn.Linear))
     assert not any(isinstance(m, (nn.ReLU, nn.Tanh)) for m in net.modules())
+
+
+@pytest.mark.parametrize("norm", ["none", "batch", "noisy_batch", "l1", "linf"])
+def test_the_feature_major_dln_computes_what_nn_linear_does(norm):
+    """(W x^T)^T stores each layer's output one row per unit: the same outputs, loss gradients
+    and BN statistics as nn.Linear's row-major products, to float rounding."""
+    torch.manual_seed(0)
+    rows = DeepLinear(depth=25, dim=10, norm=norm, feature_major=False)
+    cols = DeepLinear(depth=25, dim=10, norm=norm)
+    cols.load_state_dict(rows.state_dict())
+    x, y = torch.randn(1000, 10), torch.randn(1000, 10)
+    outs, grads = [], []
+    for net in (rows, cols):
+        out = net(x)
+        ((out - y) ** 2).sum().backward()
+        outs.append(out)
+        grads.append(torch.cat([p.grad.flatten() for p in net.parameters()]))
+    assert outs[0].stride() == (10, 1) and outs[1].stride() == (1, 1000)
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-4, atol=1e-4)  # 25 layers of rounding
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-3, atol=1e-3 * grads[0].abs().max())
+    for a, b in zip(rows.buffers(), cols.buffers()):  # BN's and lp's running statistics
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
+    if norm == "none":  # the sums did run in another order (BN's output hides it)
+        assert not torch.equal(outs[1], outs[0])
 
 
 @pytest.mark.parametrize("scheme", ["glorot", "kaiming", "orthogonal"])

@@ -7,7 +7,8 @@ import pytest
 import torch
 from torch import nn
 
-from bnstudy.norms import BatchNoise, LpNorm, NoiseConfig, make_norm, noise_in_eval, resample_noise
+from bnstudy.norms import (BatchNoise, LpNorm, NoiseConfig, _lp_reference, make_norm, noise_in_eval,
+                           resample_noise)
 
 
 def _drawn(shape, cfg=NoiseConfig(), seed=0):
@@ -110,6 +111,57 @@ def test_lp_norm_matches_hand_computation(p, spatial):
         want = [(v - mean) / norm * layer.weight[j].item() + layer.bias[j].item() for v in vals]
         got = (out[:, j] if not spatial else out[:, j].reshape(-1)).reshape(-1)
         assert torch.allclose(got, torch.tensor(want), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("p", [1, 2, math.inf])
+@pytest.mark.parametrize("spatial", [False, True])
+def test_lp_norm_gradient_is_the_definitions(p, spatial):
+    """The hand-written backward against autograd through the definition written out naively
+    (its twin), against finite differences (gradcheck), and second derivatives (gradgradcheck:
+    the Hessian-vector products of Curvature go through the definition)."""
+    torch.manual_seed(2)
+    x = (torch.randn(6, 3, 4, 4) if spatial else torch.randn(40, 3)).double() * 3 + 2
+    layer = LpNorm(3, p).double()
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor([1.0, 2.0, -0.5]))
+        layer.bias.copy_(torch.tensor([0.0, 1.0, 3.0]))
+    g = torch.randn_like(x)
+    x.requires_grad_(True)
+    got = torch.autograd.grad(layer(x), (x, layer.weight, layer.bias), g)
+
+    def naive(x, w, b):  # per unit over the batch (x H x W), as the docstring writes it
+        flat = x.transpose(0, 1).reshape(3, -1)
+        mean = flat.mean(dim=1)
+        if p == math.inf:
+            norm = flat.abs().max(dim=1).values + layer.eps
+        else:
+            norm = ((flat.abs() ** p).mean(dim=1) + layer.eps) ** (1 / p)
+        shape = (1, 3) + (1,) * (x.dim() - 2)
+        return (x - mean.view(shape)) / norm.view(shape) * w.view(shape) + b.view(shape)
+
+    want = torch.autograd.grad(naive(x, layer.weight, layer.bias),
+                               (x, layer.weight, layer.bias), g)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    inputs = (x, layer.weight, layer.bias)
+    assert torch.autograd.gradcheck(lambda x, w, b: _with(layer, w, b, x), inputs)
+    assert torch.autograd.gradgradcheck(lambda x, w, b: _with(layer, w, b, x), inputs)
+
+
+def _with(layer, weight, bias, x):
+    """`layer(x)` with the given tensors as its weight and bias (gradcheck perturbs them)."""
+    return torch.func.functional_call(layer, {"weight": weight, "bias": bias}, (x,))
+
+
+def test_lp_norm_inf_shares_the_gradient_among_tied_maxima_as_autograd_does():
+    x = torch.tensor([[3.0, 1.0], [-3.0, 2.0], [1.0, -2.0], [0.5, 0.0]], dtype=torch.float64,
+                     requires_grad=True)  # unit 0: |3| twice; unit 1: |2| twice
+    layer = LpNorm(2, math.inf).double()
+    g = torch.randn(4, 2, dtype=torch.float64)
+    got = torch.autograd.grad(layer(x), x, g)[0]
+    want = torch.autograd.grad(_lp_reference(x, layer.weight, layer.bias, math.inf, layer.eps,
+                                             [0], (1, -1)), x, g)[0]
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
 
 
 def test_lp_norm_eval_uses_running_statistics():
