@@ -1,13 +1,18 @@
-"""A CSV logger for runs that are resumed: one row per logged step, and a resume replaces the rows
+"""The loggers of every config (configs/common/loggers.yaml).
+
+StudyCSVLogger, for runs that are resumed: one row per logged step, and a resume replaces the rows
 it repeats. Lightning's CSVLogger deletes metrics.csv when its directory is not empty (which would
 throw away everything logged before a requeue or a resume), writes a row per log call (two to
-four sparse rows per step) and appends rows a resumed run logs again."""
+four sparse rows per step) and appends rows a resumed run logs again.
+
+StudyWandbLogger: Lightning's WandbLogger with one W&B call per logged step instead of one per
+log call (see its doc)."""
 from __future__ import annotations
 
 import csv
 import os
 
-from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.utilities import rank_zero_only
 
@@ -116,3 +121,50 @@ class StudyCSVLogger(CSVLogger):
     def finalize(self, status: str) -> None:
         if self._experiment is not None:
             self._experiment.save(complete=True)
+
+
+class StudyWandbLogger(WandbLogger):
+    """Lightning's WandbLogger, sending each step's values to W&B in one `run.log` call.
+
+    At a logging step the training metrics, the LR monitor and the throughput monitor (and any
+    probe due) each log their own dict, and each `run.log` costs about 0.1-0.4 ms, even offline:
+    three of them a logging step were 5% of a DLN step at log_every_n_steps=10. Here the values
+    of one step wait and merge (a later value of a key replaces the earlier one, as in
+    metrics.csv) and go to W&B as one row when another step logs, before a checkpoint is saved,
+    and when the fit ends or fails (finalize). What W&B shows per trainer/global_step is the
+    same; only the number of W&B history rows falls. A process killed without any chance to
+    finalize (SIGKILL) loses at most its last logging step's row in W&B; metrics.csv is written
+    with every checkpoint, as before."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._pending: dict = {}
+        self._pending_step: int | None = None
+
+    @rank_zero_only
+    def log_metrics(self, metrics, step: int | None = None) -> None:
+        if step is None or self._wandb_init.get("sync_tensorboard"):
+            self.flush()  # no step to merge by: in order, at once
+            super().log_metrics(metrics, step)
+            return
+        if self._pending and step != self._pending_step:
+            self.flush()
+        self._pending_step = step
+        self._pending.update(metrics)
+
+    @rank_zero_only
+    def flush(self) -> None:
+        """Send the values waiting for their step to W&B now."""
+        if self._pending:
+            pending, self._pending = self._pending, {}
+            super().log_metrics(pending, self._pending_step)
+
+    @rank_zero_only
+    def after_save_checkpoint(self, checkpoint_callback) -> None:
+        self.flush()
+        super().after_save_checkpoint(checkpoint_callback)
+
+    @rank_zero_only
+    def finalize(self, status: str) -> None:
+        self.flush()
+        super().finalize(status)

@@ -139,6 +139,17 @@ def test_wandb_offline_run_has_config_and_metrics(in_tmp):
     assert [row["trainer/global_step"] for row in logged] == [0, 1, 2]
     csv_losses = [float(r["train/loss"]) for r in read_metrics(run_dir) if r["train/loss"]]
     assert [row["train/loss"] for row in logged] == pytest.approx(csv_losses)  # same numbers
+    # one W&B row a step (StudyWandbLogger merges the step's log calls), holding every value
+    # metrics.csv has for that step
+    rows = [row for row in wandb_records.history(run_dir) if "trainer/global_step" in row]
+    steps = [row["trainer/global_step"] for row in rows]
+    assert len(steps) == len(set(steps)), steps
+    by_step = {row["trainer/global_step"]: row for row in rows}
+    for csv_row in read_metrics(run_dir):
+        values = {k: float(v) for k, v in csv_row.items() if v and k != "step"}
+        assert values == pytest.approx(
+            {k: by_step[int(csv_row["step"])].get(k) for k in values}), csv_row
+    assert all({"train/loss", "lr-SGD", "train/samples"} <= row.keys() for row in logged)
 
 
 @pytest.mark.slow
