@@ -8,6 +8,7 @@ from bnstudy.callbacks.divergence_guard import DivergedError, DivergenceGuard
 from bnstudy.callbacks.fit_summary import FitSummary
 from bnstudy.callbacks.last_checkpoint import LastCheckpoint
 from bnstudy.callbacks.logger_save_config_callback import LoggerSaveConfigCallback
+from bnstudy.callbacks.quiet_checkpoint import QuietCheckpoint
 from bnstudy.callbacks.resume_logs import ResumeLogs
 from bnstudy.callbacks.startup_time import StartupTime
 from bnstudy.callbacks.step_end_signals import Interrupted, StepEndSignals
@@ -16,6 +17,6 @@ from bnstudy.callbacks.throughput_at_log_steps import ThroughputAtLogSteps
 from bnstudy.callbacks.trajectory_checkpoint import TrajectoryCheckpoint
 
 __all__ = ["AtomicCheckpointIO", "BestCheckpoint", "DivergedError", "DivergenceGuard",
-           "FitSummary", "Interrupted", "LastCheckpoint", "LoggerSaveConfigCallback", "ResumeLogs",
-           "StartupTime", "StepEndSignals", "StepProgressBar", "ThroughputAtLogSteps",
-           "TrajectoryCheckpoint"]
+           "FitSummary", "Interrupted", "LastCheckpoint", "LoggerSaveConfigCallback",
+           "QuietCheckpoint", "ResumeLogs", "StartupTime", "StepEndSignals", "StepProgressBar",
+           "ThroughputAtLogSteps", "TrajectoryCheckpoint"]

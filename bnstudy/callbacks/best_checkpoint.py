@@ -5,10 +5,10 @@ import os
 from pathlib import Path
 
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
+from bnstudy.callbacks.quiet_checkpoint import QuietCheckpoint
 
 
-class BestCheckpoint(ModelCheckpoint):
+class BestCheckpoint(QuietCheckpoint):
     """ModelCheckpoint whose save_top_k holds across resumes. last.ckpt is written at the end of a
     step or of its validation, maybe before this callback's save there, so the best checkpoint
     saved by that validation may not be in the state a resume restores: it would stay forever
@@ -17,8 +17,7 @@ class BestCheckpoint(ModelCheckpoint):
     their own state) when they are from before the resume point, and deleted when they are from
     the abandoned steps after it (the resumed run makes them again)."""
 
-    @property
-    def state_key(self) -> str:  # as ModelCheckpoint's, so checkpoints stay interchangeable
+    def _make_state_key(self) -> str:  # as ModelCheckpoint's, so checkpoints stay interchangeable
         return self._generate_state_key(
             monitor=self.monitor, mode=self.mode, every_n_train_steps=self._every_n_train_steps,
             every_n_epochs=self._every_n_epochs, train_time_interval=self._train_time_interval

@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import time
 
-from lightning.pytorch.callbacks import ModelCheckpoint
+from bnstudy.callbacks.quiet_checkpoint import QuietCheckpoint
 
 
-class LastCheckpoint(ModelCheckpoint):
+class LastCheckpoint(QuietCheckpoint):
     """last.ckpt every `every_minutes` of training (default 10), or every `every_n_train_steps`
     steps when that is given, and after the final step, whatever the monitored metric does
     (ModelCheckpoint's save_last only follows its own save triggers). Saved at the end of a
@@ -40,8 +40,7 @@ class LastCheckpoint(ModelCheckpoint):
         self._clock = time.monotonic()
         self._pending: int | None = None  # the step whose save waits for its validation's end
 
-    @property
-    def state_key(self) -> str:
+    def _make_state_key(self) -> str:
         # the key its state had in checkpoints while ModelCheckpoint counted the steps
         return self._generate_state_key(monitor=self.monitor, mode=self.mode,
                                         every_n_train_steps=self.every_n_steps,
@@ -57,8 +56,6 @@ class LastCheckpoint(ModelCheckpoint):
         if self._pending is not None:  # due at a validation that did not run: save now
             self._pending = None
             self._save_last(trainer)
-        if self._should_skip_saving_checkpoint(trainer):
-            return
         epoch_loop = trainer.fit_loop.epoch_loop
         final = trainer.global_step == trainer.max_steps or (
             trainer.max_epochs not in (None, -1)
@@ -69,7 +66,9 @@ class LastCheckpoint(ModelCheckpoint):
             due = time.monotonic() - self._clock >= 60 * self.every_minutes
             if trainer.world_size > 1:
                 due = trainer.strategy.broadcast(due)
-        if not due or self._last_global_step_saved == trainer.global_step:
+        # (the trainer's state last: reading it costs more than the rest, on every step)
+        if not due or self._last_global_step_saved == trainer.global_step \
+                or self._should_skip_saving_checkpoint(trainer):
             return
         # A validation after this step: save at its end. Saved now, a run killed during that
         # validation (or before its row reached metrics.csv) would resume past it, and its

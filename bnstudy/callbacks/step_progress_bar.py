@@ -47,9 +47,9 @@ class StepProgressBar(RichProgressBar):
         self.refresh()  # one bar for the whole fit: do not reset it at a new pass
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        last_batch = isinstance(self.total_train_batches, int) and \
-            batch_idx + 1 >= self.total_train_batches
-        if not self._due(trainer) and not last_batch:
+        # the clock first: the count of batches is a chain of properties, read on every step
+        if not self._due(trainer) and not (isinstance(self.total_train_batches, int)
+                                           and batch_idx + 1 >= self.total_train_batches):
             return
         if not self._by_steps():
             return super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
