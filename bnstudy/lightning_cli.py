@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 import yaml
-from lightning.pytorch.callbacks import LearningRateMonitor
+from lightning.pytorch.callbacks import Callback, LearningRateMonitor
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.profilers import PassThroughProfiler
 
@@ -70,6 +70,25 @@ class NoProfiler(PassThroughProfiler):
 
     def profile(self, action_name: str):
         return self._NOTHING
+
+
+STEP_HOOKS = ("on_train_batch_start", "on_before_backward", "on_after_backward",
+              "on_before_optimizer_step", "on_before_zero_grad", "on_train_batch_end")
+
+
+def skip_empty_step_hooks(callbacks) -> None:
+    """Hide the training-step hooks a callback does not define from Lightning.
+
+    Lightning calls each of these hooks of every callback at every training step, even where it
+    is Callback's own no-op: a fit's 13 callbacks made about 80 such calls a step, each a bound
+    call, a profiler context and the formatting of the callback's state_key (about 1 us: 5% of a
+    DLN step). Lightning skips a hook attribute that is not callable, so an instance attribute of
+    None hides the inherited no-op; a hook any class of the callback defines is left alone."""
+    for callback in callbacks:
+        for name in STEP_HOOKS:
+            if getattr(type(callback), name, None) is getattr(Callback, name) \
+                    and name not in vars(callback):
+                setattr(callback, name, None)
 
 
 def _batch_size(batch) -> int:
@@ -303,7 +322,9 @@ class StudyCLI(LightningCLI):
             kwargs["plugins"] = [AtomicCheckpointIO()]
         if not cfg.trainer.get("profiler"):  # --trainer.profiler=simple etc. still work
             kwargs["profiler"] = NoProfiler()
-        return super().instantiate_trainer(callbacks=callbacks, **kwargs)
+        trainer = super().instantiate_trainer(callbacks=callbacks, **kwargs)
+        skip_empty_step_hooks(trainer.callbacks)
+        return trainer
 
 
 class ParseOnlyCLI(StudyCLI):

@@ -9,9 +9,13 @@ import shutil
 import pytest
 import torch
 
+from lightning.pytorch.callbacks import Callback
+
+from bnstudy import lightning_cli
 from bnstudy.cli import cli_main
+from bnstudy.lightning_cli import STEP_HOOKS
 from conftest import REPO
-from tiny_fits import assert_identical, last, read_metrics
+from tiny_fits import assert_identical, assert_same_metrics, last, read_metrics, tiny_args
 
 pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"),
               pytest.mark.filterwarnings("ignore::DeprecationWarning")]
@@ -129,3 +133,27 @@ def test_probes_agree_with_fp32_nchw_on_the_same_weights(in_tmp, monkeypatch, va
         assert got[key] == pytest.approx(want, rel=tol[0], abs=tol[1]), key
         compared += 1
     assert compared >= 30
+
+
+def test_empty_step_hooks_are_hidden_and_the_fit_is_unchanged(in_tmp, monkeypatch):
+    """StudyCLI hides from Lightning the per-step hooks that are Callback's own no-op; a hook a
+    callback defines still runs (the instruments' probes are in metrics.csv), and the same fit
+    with every hook left in place logs the same values and ends with the same weights."""
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    args = ["fit", *tiny_args("dln.yaml"), "--trainer.max_steps=4"]
+    cli = cli_main([*args, "--run_dir=hidden"])
+    hidden = 0
+    for callback in cli.trainer.callbacks:
+        for name in STEP_HOOKS:
+            inherited = getattr(type(callback), name) is getattr(Callback, name)
+            assert (getattr(callback, name) is None) == inherited, (type(callback), name)
+            hidden += inherited
+    assert hidden >= 20  # about 80 in a default fit; a tiny one still has a dozen callbacks
+    monkeypatch.setattr(lightning_cli, "skip_empty_step_hooks", lambda callbacks: None)
+    cli = cli_main([*args, "--run_dir=kept"])
+    assert all(callable(getattr(cb, name)) for cb in cli.trainer.callbacks for name in STEP_HOOKS)
+    assert assert_same_metrics(in_tmp / "hidden", in_tmp / "kept") > 100
+    assert last(read_metrics(in_tmp / "hidden"), "landscape/beta_eff") is not None
+    a, b = weights(in_tmp / "hidden"), weights(in_tmp / "kept")
+    for key in a:
+        assert_identical(a[key], b[key], key)
