@@ -32,6 +32,11 @@ Ratios are speeds (plain ms/step / fit ms/step, so 1.0 is as fast as the plain l
 within each repeat (the processes of one repeat run minutes apart at most) and then the median
 over repeats, with [min-max]; targets: fit off >= 0.75, fit with the paper's instruments >= 0.6
 (DLN) and >= 0.8 (VGG, against channels_last fp32).
+"same process": each fit process also runs the plain loop in bursts of its own (DLN: 50 timed
+steps every 100 fit steps; VGG: 4 every 25), on a copy of the net with its own SGD, on the step's
+batch; the bursts' time is left out of the fit's steps. The ratio of the two, measured in one
+process minutes apart at most, is what a noisy machine distorts least (separate processes of the
+same code differ by 10-40% here).
 "no-probe step": the median step of the fit with instruments, over the steps on which no probe
 runs, against the median step of the fit without them: what the Instruments callback costs when
 nothing is due (target <= +3%). Two processes a minute apart: the machine's drift shows in it.
@@ -66,13 +71,15 @@ CASES = {
 # timed window [start, stop) of the fits (in steps) and of the plain loop
 WINDOWS = {"dln": (200, 2200), "vgg": (100, 300)}
 PLAIN_WINDOWS = {"dln": (200, 2200), "vgg": (10, 50)}
+# the plain loop again inside each fit process: BURST timed steps every BURST_EVERY fit steps
+BURSTS = {"dln": (50, 100), "vgg": (4, 25)}
 MARK = "BENCH_RESULT "
 
 # One child process per measurement, run with the checkout's code first on sys.path.
 CHILD = r"""
 import functools, json, os, sys, time
-mode, start, stop = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-args = sys.argv[4:]
+mode, start, stop, BURST, BURST_EVERY = sys.argv[1], *map(int, sys.argv[2:6])
+args = sys.argv[6:]
 sys.argv = ["bnstudy", *(["fit", *args] if mode == "fit" else [])]  # as `bnstudy fit` sees them
 MARK = "BENCH_RESULT "
 
@@ -120,6 +127,7 @@ else:
         # the no-probe cost does not depend on two processes' machine states)
         def __init__(self):
             self.times, self.active, self.hooks = [], [], []
+            self.bursts, self.skipped, self.plain = [], [], None
             self._wrapped = False
             self._spent = 0.0
 
@@ -138,19 +146,46 @@ else:
                     setattr(cb, name, timed)
             self._wrapped = True
 
+        def _burst(self, pl_module, batch):
+            # the plain loop, in this process, between two of the fit's steps: a copy of the
+            # net with its own SGD on this step's batch (its first step, a warm-up, not timed)
+            import copy
+            import torch
+            if self.plain is None:
+                net = copy.deepcopy(pl_module.net).train()
+                self.plain = (net, torch.optim.SGD(net.parameters(), lr=pl_module.lr))
+            net, opt = self.plain
+            x, y = batch
+            for i in range(BURST + 1):
+                if i == 1:
+                    began = (time.perf_counter(), time.process_time())
+                loss = pl_module.loss_fn(net(x), y)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+            self.bursts.append((time.perf_counter() - began[0], time.process_time() - began[1]))
+
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
             if not self._wrapped:
                 self._wrap(trainer)
             t = trainer.global_step
             if start <= t <= stop:
-                self.times.append((time.perf_counter(), time.process_time()))
+                now, burst = (time.perf_counter(), time.process_time()), (0.0, 0.0)
+                if BURST and (t - start) % BURST_EVERY == 0 and t < stop:
+                    self._burst(pl_module, batch)
+                    after = (time.perf_counter(), time.process_time())
+                    now, burst = after, (after[0] - now[0], after[1] - now[1])
+                if self.times:  # left out of the interval from the last step's start to now
+                    self.skipped.append(burst)
+                self.times.append(now)
                 self.hooks.append(self._spent)
                 probes = [p for c in trainer.callbacks for p in getattr(c, "probes", [])]
                 self.active.append(any(p.active(t) for p in probes))
 
         def on_train_end(self, trainer, pl_module):
             print(MARK + json.dumps({"times": self.times, "active": self.active,
-                                     "hooks": self.hooks}), flush=True)
+                                     "hooks": self.hooks, "bursts": self.bursts,
+                                     "skipped": self.skipped, "burst": BURST}), flush=True)
 
     init = pl.Trainer.__init__
     @functools.wraps(init)  # the CLI reads the Trainer's arguments from its signature
@@ -162,11 +197,14 @@ else:
 """
 
 
-def child(mode: str, window: tuple[int, int], args: list[str], repo: Path) -> dict:
+def child(mode: str, window: tuple[int, int], args: list[str], repo: Path,
+          kind: str = "dln") -> dict:
     env = {k: v for k, v in os.environ.items()
            if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "BNSTUDY_RUN_DIR")}
     env.update(WANDB_MODE="offline", WANDB_SILENT="true", PYTHONPATH=str(repo))
-    cmd = [sys.executable, "-c", CHILD, mode, str(window[0]), str(window[1]), *args]
+    burst, every = BURSTS[kind] if mode == "fit" else (0, 1)
+    cmd = [sys.executable, "-c", CHILD, mode, str(window[0]), str(window[1]), str(burst),
+           str(every), *args]
     proc = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(MARK)]
     if proc.returncode != 0 or not lines:
@@ -174,7 +212,11 @@ def child(mode: str, window: tuple[int, int], args: list[str], repo: Path) -> di
                  + proc.stderr[-3000:])
     out = json.loads(lines[-1][len(MARK):])
     times = out["times"]
-    steps = [(b[0] - a[0], b[1] - a[1]) for a, b in zip(times, times[1:])]
+    # a step is from its start to the next one's, less a plain burst run in between
+    skipped = out.get("skipped") or [(0.0, 0.0)] * len(times)
+    steps = [(b[0] - a[0] - s[0], b[1] - a[1] - s[1])
+             for a, b, s in zip(times, times[1:], skipped)]
+    bursts = out.get("bursts") or []
     active = (out["active"] or [False] * len(times))[:len(steps)]
     quiet = [s for s, busy in zip(steps, active) if not busy] or steps
     hooks = out.get("hooks") or []
@@ -188,7 +230,10 @@ def child(mode: str, window: tuple[int, int], args: list[str], repo: Path) -> di
             "cpu": sum(s[1] for s in steps) / len(steps),
             "quiet_wall": statistics.median(s[0] for s in quiet),
             "quiet_cpu": statistics.median(s[1] for s in quiet),
-            "probe_steps": sum(active)}
+            "probe_steps": sum(active),
+            **({"plain_wall": sum(b[0] for b in bursts) / (out["burst"] * len(bursts)),
+                "plain_cpu": sum(b[1] for b in bursts) / (out["burst"] * len(bursts))}
+               if bursts else {})}
 
 
 def measure(case: str, repo: Path, tmp: Path, scale: float) -> dict:
@@ -218,10 +263,11 @@ def measure(case: str, repo: Path, tmp: Path, scale: float) -> dict:
             result[mode] = child(f"plain_{mode}", plain_window,
                                  [*base, f"--run_dir={next(run_dirs)}"], repo)
     result["off"] = child("fit", fit_window, [*fit, "--trainer.callbacks=[]",
-                                              f"--run_dir={next(run_dirs)}"], repo)
-    result["instr"] = child("fit", fit_window, [*fit, f"--run_dir={next(run_dirs)}"], repo)
+                                              f"--run_dir={next(run_dirs)}"], repo, kind)
+    result["instr"] = child("fit", fit_window, [*fit, f"--run_dir={next(run_dirs)}"], repo, kind)
     papers = f"--trainer.callbacks={paper_only(instruments, tmp)}"
-    result["paper"] = child("fit", fit_window, [*fit, papers, f"--run_dir={next(run_dirs)}"], repo)
+    result["paper"] = child("fit", fit_window, [*fit, papers, f"--run_dir={next(run_dirs)}"], repo,
+                            kind)
     return result
 
 
@@ -264,9 +310,15 @@ def rows(case: str, load: str, repeats: list[dict], clock: str) -> list[str]:
     def ms(mode: str) -> str:
         return f"{statistics.median(r[mode][clock] for r in repeats) * 1e3:.2f}"
 
+    def same(mode: str) -> list[float]:  # the plain bursts run inside that fit's own process
+        return [r[mode][f"plain_{clock}"] / r[mode][clock] for r in repeats
+                if f"plain_{clock}" in r[mode]]
+
     cells = [case, load, clock, ms("plain"), ms("off"), ms("instr"), ms("paper"),
              spread(ratio("plain", "off")), spread(ratio("plain", "instr")),
-             f"{spread(ratio('plain', 'paper'))} (>= {target})", spread(quiet, "{:+.1f}%")]
+             f"{spread(ratio('plain', 'paper'))} (>= {target})",
+             *(spread(same(mode)) if same(mode) else "" for mode in ("off", "instr", "paper")),
+             spread(quiet, "{:+.1f}%")]
     cells.append(spread(ratio("plain", "bf16")) if "bf16" in repeats[0] else "")
     cells.append(spread(ratio("nchw", "plain")) if "nchw" in repeats[0] else "")
     shares = [100 * r["instr"]["hook_share"] for r in repeats
@@ -319,9 +371,10 @@ def main() -> int:
           "repeats [min-max]\n")
     print("| case | load | clock | plain ms/step | fit off ms/step | fit instr. ms/step "
           "| fit paper ms/step | fit off / plain | fit instr. / plain | fit paper / plain "
+          "| same process: off / plain | instr. / plain | paper / plain "
           "| no-probe step vs off | bf16 speed-up, plain | channels_last speed-up, plain fp32 "
           "| Instruments' hooks in a no-probe step |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---" * 17 + "|")
     for cells in table:
         print("| " + " | ".join(cells) + " |")
     return 0

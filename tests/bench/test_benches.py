@@ -42,7 +42,9 @@ def test_bench_overhead_prints_every_ratio_for_a_case():
     assert float(cells[7]) == pytest.approx(plain / off, abs=0.01)
     assert float(cells[8]) == pytest.approx(plain / instr, abs=0.01)
     assert float(cells[9].split()[0]) == pytest.approx(plain / paper, abs=0.01)
-    share = float(cells[13].rstrip("%"))  # the Instruments hooks, timed in their own process
+    for same in cells[10:13]:  # the plain loop's bursts inside each fit's own process
+        assert 0.1 < float(same) < 2
+    share = float(cells[16].rstrip("%"))  # the Instruments hooks, timed in their own process
     assert 0 < share < 50
 
 
@@ -55,6 +57,7 @@ def test_bench_overhead_takes_ratios_within_each_repeat_and_their_median(tmp_pat
         r = {k: {"wall": v, "cpu": v, "quiet_wall": v, "quiet_cpu": v}
              for k, v in (("plain", plain), ("off", off), ("instr", instr), ("paper", pap))}
         r["instr"]["hook_share"] = 0.01
+        r["off"].update(plain_wall=plain / 2, plain_cpu=plain / 2)  # bursts in the fit's process
         return r
 
     # a machine twice as slow in the second repeat: the ratios stay; the third is an outlier
@@ -63,7 +66,9 @@ def test_bench_overhead_takes_ratios_within_each_repeat_and_their_median(tmp_pat
     assert cells[7] == "0.80 [0.50-0.80]"     # fit off / plain: 0.8, 0.8, 0.5
     assert cells[8] == "0.50 [0.50-0.50]"
     assert cells[9] == "0.62 [0.50-0.62] (>= 0.6)"
-    assert cells[10] == "+60.0% [+0.0%-+60.0%]"
+    assert cells[10] == "0.40 [0.25-0.40]"    # same process: off's bursts / off
+    assert cells[11] == cells[12] == ""       # no bursts recorded for those
+    assert cells[13] == "+60.0% [+0.0%-+60.0%]"
     # the paper's probes: the config's list without Curvature and BNGradientBound
     import yaml
     listed = paper_only(REPO / "configs/common/instruments_dln.yaml", tmp)
