@@ -18,6 +18,10 @@ SAFE_RESUME_CHANGES = ("trainer.max_steps", "trainer.max_epochs", "trainer.max_t
                        "last_checkpoint.every_n_train_steps", "last_checkpoint.every_minutes",
                        "last_checkpoint.check_every", "trajectory.every_n_train_steps",
                        "trajectory.log_spaced", "resume_allow")
+# classes renamed or replaced by bnstudy's own with the same results: a run written with the old
+# name resumes with the new one (StudyWandbLogger only changes how many W&B calls a step makes)
+SAME_CLASSES = {"lightning.pytorch.loggers.WandbLogger": "bnstudy.loggers.StudyWandbLogger",
+                "lightning.pytorch.loggers.wandb.WandbLogger": "bnstudy.loggers.StudyWandbLogger"}
 # set by the CLI from the run directory itself, or naming the files of the config (not settings)
 _NOT_SETTINGS = ("config", "ckpt_path", "__path__")
 # where the run directory is (absolute or relative, moved, another cwd) is not a setting either
@@ -103,7 +107,10 @@ def config_differences(stored: dict, current: dict, allowed: list[str]) -> list[
     for key in sorted(set(a) | set(b)):
         if key.split(".")[0] in _NOT_SETTINGS or any(fnmatch.fnmatch(key, p) for p in patterns):
             continue
-        if key in a and a.get(key) != b.get(key):
+        old, new = a.get(key), b.get(key)
+        if key.endswith("class_path"):
+            old, new = SAME_CLASSES.get(old, old), SAME_CLASSES.get(new, new)
+        if key in a and old != new:
             differing.append(key)
     return differing
 

@@ -296,3 +296,10 @@ def test_config_check_ignores_new_options_paths_and_checkpoint_cadence():
     assert config_differences(stored, current, []) == []
     current["model"]["init_args"]["lr"] = 0.5
     assert config_differences(stored, current, []) == ["model.init_args.lr"]
+    # Lightning's WandbLogger and bnstudy's StudyWandbLogger log the same run; another class not
+    current["model"]["init_args"]["lr"] = 0.1
+    stored["trainer"]["logger"][0]["class_path"] = "lightning.pytorch.loggers.WandbLogger"
+    current["trainer"]["logger"][0]["class_path"] = "bnstudy.loggers.StudyWandbLogger"
+    assert config_differences(stored, current, []) == []
+    current["trainer"]["logger"][0]["class_path"] = "lightning.pytorch.loggers.CSVLogger"
+    assert config_differences(stored, current, []) == ["trainer.logger.0.class_path"]
