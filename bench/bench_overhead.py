@@ -197,8 +197,7 @@ else:
 """
 
 
-def child(mode: str, window: tuple[int, int], args: list[str], repo: Path,
-          kind: str = "dln") -> dict:
+def child(mode: str, window: tuple[int, int], args: list[str], repo: Path, kind: str) -> dict:
     env = {k: v for k, v in os.environ.items()
            if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "BNSTUDY_RUN_DIR")}
     env.update(WANDB_MODE="offline", WANDB_SILENT="true", PYTHONPATH=str(repo))
@@ -231,9 +230,8 @@ def child(mode: str, window: tuple[int, int], args: list[str], repo: Path,
             "quiet_wall": statistics.median(s[0] for s in quiet),
             "quiet_cpu": statistics.median(s[1] for s in quiet),
             "probe_steps": sum(active),
-            **({"plain_wall": sum(b[0] for b in bursts) / (out["burst"] * len(bursts)),
-                "plain_cpu": sum(b[1] for b in bursts) / (out["burst"] * len(bursts))}
-               if bursts else {})}
+            **{f"plain_{clock}": sum(b[i] for b in bursts) / (out["burst"] * len(bursts))
+               for i, clock in enumerate(("wall", "cpu")) if bursts}}
 
 
 def measure(case: str, repo: Path, tmp: Path, scale: float) -> dict:
@@ -257,11 +255,11 @@ def measure(case: str, repo: Path, tmp: Path, scale: float) -> dict:
     fit = [*base, f"--trainer.max_steps={fit_window[1] + 1}", "--trainer.limit_val_batches=0",
            "--trainer.enable_model_summary=false"]
     result = {"plain": child(f"plain_{kind}" if kind == "dln" else "plain", plain_window,
-                             [*base, f"--run_dir={next(run_dirs)}"], repo)}
+                             [*base, f"--run_dir={next(run_dirs)}"], repo, kind)}
     if kind == "vgg":
         for mode in ("bf16", "nchw"):
             result[mode] = child(f"plain_{mode}", plain_window,
-                                 [*base, f"--run_dir={next(run_dirs)}"], repo)
+                                 [*base, f"--run_dir={next(run_dirs)}"], repo, kind)
     result["off"] = child("fit", fit_window, [*fit, "--trainer.callbacks=[]",
                                               f"--run_dir={next(run_dirs)}"], repo, kind)
     result["instr"] = child("fit", fit_window, [*fit, f"--run_dir={next(run_dirs)}"], repo, kind)

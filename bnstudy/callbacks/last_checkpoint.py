@@ -40,6 +40,8 @@ class LastCheckpoint(QuietCheckpoint):
         self._clock = time.monotonic()
         self._pending: int | None = None  # the step whose save waits for its validation's end
 
+    KEY_SETTINGS = (*QuietCheckpoint.KEY_SETTINGS, "every_n_steps")
+
     def _make_state_key(self) -> str:
         # the key its state had in checkpoints while ModelCheckpoint counted the steps
         return self._generate_state_key(monitor=self.monitor, mode=self.mode,

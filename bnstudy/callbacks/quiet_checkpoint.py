@@ -14,13 +14,16 @@ class QuietCheckpoint(ModelCheckpoint):
     time interval of ModelCheckpoint's own triggers saves (otherwise it returns without doing
     anything, after reading the trainer's state)."""
 
+    # the attributes `_make_state_key` reads (a subclass whose key reads others adds them)
+    KEY_SETTINGS = ("monitor", "mode", "_every_n_train_steps", "_every_n_epochs",
+                    "_train_time_interval")
+
     def _make_state_key(self) -> str:
         return super().state_key
 
     @property
     def state_key(self) -> str:
-        settings = (self.monitor, self.mode, self._every_n_train_steps, self._every_n_epochs,
-                    self._train_time_interval, getattr(self, "every_n_steps", None))
+        settings = tuple(getattr(self, name) for name in self.KEY_SETTINGS)
         cached = self.__dict__.get("_state_key_cache")
         if cached is None or cached[0] != settings:
             cached = self._state_key_cache = (settings, self._make_state_key())
