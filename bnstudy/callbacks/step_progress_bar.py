@@ -1,6 +1,7 @@
 """A progress bar over the steps of a step-limited fit, redrawn at most twice a second."""
 from __future__ import annotations
 
+import math
 import time
 
 from lightning.pytorch.callbacks import RichProgressBar
@@ -13,6 +14,10 @@ class StepProgressBar(RichProgressBar):
     done every step stalls a GPU (and costs a tiny CPU model more than its step)."""
 
     def __init__(self, interval: float = 0.5, **kwargs):
+        # Rich's refresh thread draws what is due as often as refresh_rate says (Lightning's
+        # default: 100 wake-ups a second, each taking the GIL from the training step); draws
+        # come at most every `interval` here, so it need not wake more often than that
+        kwargs.setdefault("refresh_rate", max(1, math.ceil(1 / interval)))
         super().__init__(**kwargs)
         self.interval, self._drawn = interval, float("-inf")
 

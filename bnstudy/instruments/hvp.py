@@ -4,7 +4,7 @@ and PyHessian's power iteration. Vectors are lists of tensors shaped like the pa
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -39,6 +39,60 @@ class HVP:
         return all_mean(hv) if self.sync else list(hv)
 
 
+class FlatLanczos:
+    """The Lanczos basis as one (steps x n) matrix of flat vectors, for `lanczos` (eigenpairs) and
+    spectrum.lanczos_tridiagonal (quadrature): each step is one Hessian-vector product (on views
+    of the flat vector, shaped like the parameters) and two matrix-vector products that
+    reorthogonalize against the whole basis, instead of a Python loop over basis vectors and
+    parameter tensors (a DLN with a norm has 72: those loops cost more than its products).
+
+    Rows are allocated as they are used (doubling), so a large model pays for the steps taken,
+    not for max_iter."""
+
+    def __init__(self, hvp: Callable[[list[Tensor]], list[Tensor]], like: list[Tensor],
+                 steps: int):
+        self.hvp, self.like, self.steps = hvp, like, steps
+        self.basis: Tensor | None = None
+        self.size = 0  # rows in use
+
+    def flat(self, tensors: Sequence[Tensor]) -> Tensor:
+        return torch.cat([t.reshape(-1) for t in tensors])
+
+    def shaped(self, vector: Tensor) -> list[Tensor]:
+        sizes = [t.numel() for t in self.like]
+        return [c.view(t.shape) for c, t in zip(torch.split(vector, sizes), self.like)]
+
+    def orthogonalize(self, w: Tensor) -> Tensor:
+        """w minus its projection on the basis, twice (twice is enough: Parlett), in place."""
+        done = self.basis[:self.size]
+        for _ in range(2):
+            w.sub_(done.T @ (done @ w))
+        return w
+
+    def step(self, q: Tensor, beta_prev: float) -> tuple[float, Tensor]:
+        """Append the unit vector q; return alpha = q.Hq and the next residual vector
+        w = Hq - alpha q - beta_prev q_prev, reorthogonalized."""
+        if self.basis is None or self.size == len(self.basis):
+            rows = min(self.steps, max(16, 2 * self.size))
+            grown = q.new_empty(rows, q.numel())
+            if self.basis is not None:
+                grown[:self.size] = self.basis[:self.size]
+            self.basis = grown
+        self.basis[self.size] = q
+        self.size += 1
+        w = self.flat(self.hvp(self.shaped(q)))
+        alpha = float(w.double() @ q.double())
+        w.sub_(q, alpha=alpha)
+        if self.size > 1:
+            w.sub_(self.basis[self.size - 2], alpha=beta_prev)
+        return alpha, self.orthogonalize(w)
+
+    def combine(self, coefficients: np.ndarray) -> list[Tensor]:
+        """sum_j c_j q_j, shaped like the parameters (a Ritz vector)."""
+        c = torch.as_tensor(coefficients, dtype=self.basis.dtype, device=self.basis.device)
+        return self.shaped(c @ self.basis[:len(c)])
+
+
 def lanczos(hvp: Callable[[list[Tensor]], list[Tensor]], start: list[Tensor], k: int, tol: float,
              max_iter: int, gen: torch.Generator) -> tuple[np.ndarray, list[list[Tensor]], float]:
     """Top-k (largest algebraic) eigenpairs by Lanczos with full reorthogonalization, stopped when
@@ -46,25 +100,16 @@ def lanczos(hvp: Callable[[list[Tensor]], list[Tensor]], start: list[Tensor], k:
     Lanczos residual identity). Returns eigenvalues (descending), their vectors and the largest
     relative residual."""
     n = sum(t.numel() for t in start)
-    basis: list[list[Tensor]] = []
+    solver = FlatLanczos(hvp, start, min(max_iter, n))
+    q = solver.flat(start)
+    q = q / math.sqrt(float(q.double() @ q.double()))
     alphas: list[float] = []
     betas: list[float] = []  # betas[j]: coupling of basis j and j + 1
-    q = start
-    norm = math.sqrt(dot(q, q))
-    q = scaled(q, 1.0 / norm)
     theta, s, worst = None, None, float("inf")
     for j in range(min(max_iter, n)):
-        basis.append(q)
-        w = hvp(q)
-        alpha = dot(w, q)
+        alpha, w = solver.step(q, betas[-1] if betas else 0.0)
         alphas.append(alpha)
-        axpy(-alpha, q, w)
-        if j > 0:
-            axpy(-betas[j - 1], basis[j - 1], w)
-        for _ in range(2):  # full reorthogonalization, twice is enough (Parlett)
-            for b in basis:
-                axpy(-dot(w, b), b, w)
-        beta = math.sqrt(max(dot(w, w), 0.0))
+        beta = math.sqrt(max(float(w.double() @ w.double()), 0.0))
         t = np.diag(alphas) + np.diag(betas, 1) + np.diag(betas, -1)
         evals, evecs = np.linalg.eigh(t)
         order = np.argsort(evals)[::-1][:k]
@@ -78,24 +123,13 @@ def lanczos(hvp: Callable[[list[Tensor]], list[Tensor]], start: list[Tensor], k:
             break
         if beta <= 1e-10 * max(1.0, float(np.max(np.abs(evals)))):
             # an invariant subspace: go on from a fresh random vector orthogonal to it
-            w = random_vector(q, gen)
-            for _ in range(2):
-                for b in basis:
-                    axpy(-dot(w, b), b, w)
-            beta_next = 0.0
-            w_norm = math.sqrt(dot(w, w))
-            q = scaled(w, 1.0 / w_norm)
+            w = solver.orthogonalize(solver.flat(random_vector(start, gen)))
+            betas.append(0.0)
+            q = w / math.sqrt(float(w.double() @ w.double()))
         else:
-            beta_next = beta
-            q = scaled(w, 1.0 / beta)
-        betas.append(beta_next)
-    vectors = []
-    for i in range(len(theta)):
-        u = [torch.zeros_like(t) for t in start]
-        for coef, b in zip(s[:, i], basis):
-            axpy(float(coef), b, u)
-        vectors.append(u)
-    return np.asarray(theta), vectors, worst
+            betas.append(beta)
+            q = w / beta
+    return np.asarray(theta), [solver.combine(s[:, i]) for i in range(len(theta))], worst
 
 
 def power_iteration(hvp: Callable[[list[Tensor]], list[Tensor]], start: list[Tensor], tol: float,

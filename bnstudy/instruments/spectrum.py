@@ -37,7 +37,7 @@ from torch import Tensor, nn
 
 from bnstudy.instruments.curvature import hessian_dense
 from bnstudy.instruments.distributed import sync_default
-from bnstudy.instruments.hvp import HVP
+from bnstudy.instruments.hvp import HVP, FlatLanczos
 from bnstudy.instruments.probe import Probe, Step
 from bnstudy.instruments.state import measuring
 from bnstudy.instruments.trace import LossFn, Params, parameter_names
@@ -85,35 +85,25 @@ def lanczos_tridiagonal(hvp: Callable[[list[Tensor]], list[Tensor]], start: list
     space was exhausted (an invariant subspace: the quadrature is then exact). Ends earlier when
     `stop(alphas, betas)` says so (asked after every step).
 
-    The basis is one (steps x n) matrix, so reorthogonalizing is two matrix-vector products
-    instead of a Python loop over basis vectors and parameters; hvp sees views of a flat vector."""
-    shapes, sizes = [t.shape for t in start], [t.numel() for t in start]
-    n = sum(sizes)
-    q = torch.cat([t.reshape(-1) for t in start])
+    The basis is one (steps x n) matrix (FlatLanczos, as hessian_eigs' Lanczos), so
+    reorthogonalizing is two matrix-vector products; hvp sees views of a flat vector."""
+    n = sum(t.numel() for t in start)
+    solver = FlatLanczos(hvp, start, min(m, n))
+    q = solver.flat(start)
     q = q / float(q.double().norm())
-    basis = torch.empty(min(m, n), n, dtype=q.dtype, device=q.device)
     alphas: list[float] = []
     betas: list[float] = []
     scale = 0.0  # the largest |alpha| or beta seen: the breakdown test is relative to it
-    for j in range(len(basis)):
-        basis[j] = q
-        shaped = [c.view(shape) for c, shape in zip(torch.split(q, sizes), shapes)]
-        w = torch.cat([t.reshape(-1) for t in hvp(shaped)])
-        alpha = float(w.double() @ q.double())
+    for j in range(min(m, n)):
+        alpha, w = solver.step(q, betas[-1] if betas else 0.0)
         alphas.append(alpha)
-        w -= alpha * q
-        if j > 0:
-            w -= betas[-1] * basis[j - 1]
-        done = basis[:j + 1]
-        for _ in range(2):  # full reorthogonalization, twice is enough (Parlett)
-            w -= done.T @ (done @ w)
         beta = float(w.double().norm())
         scale = max(scale, abs(alpha), beta)
         if not math.isfinite(beta):  # a diverged model: nothing more to learn
             return alphas, betas, False
         if j + 1 == n or beta <= 1e-7 * scale:
             return alphas, betas, True
-        if j + 1 == len(basis) or (stop is not None and stop(alphas, betas)):
+        if j + 1 == min(m, n) or (stop is not None and stop(alphas, betas)):
             break
         betas.append(beta)
         q = w / beta

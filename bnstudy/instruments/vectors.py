@@ -29,8 +29,9 @@ def widen(tensors: Sequence[Tensor]) -> Sequence[Tensor]:
 
 
 def dot(a: Sequence[Tensor], b: Sequence[Tensor]) -> float:
-    return float(sum(float(torch.vdot(x.reshape(-1).double(), y.reshape(-1).double()))
-                     for x, y in zip(a, b)))
+    """In float64, over the tensors taken as one vector (one product, not one a tensor)."""
+    return float(torch.dot(torch.cat([x.reshape(-1) for x in a]).double(),
+                           torch.cat([y.reshape(-1) for y in b]).double()))
 
 
 def axpy(alpha: float, x: Sequence[Tensor], y: list[Tensor]) -> None:

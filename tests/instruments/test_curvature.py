@@ -6,8 +6,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 import pytest
 import torch
+from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from bnstudy import probes
@@ -34,6 +36,41 @@ def test_quadratic_oracle_is_exact():
     model, loss_fn, x, y, hess, _ = quadratic(SPECTRUM, diagonal=True)
     trace = probes.hessian_trace(model, loss_fn, x, y, samples=4)
     assert trace["trace"] == pytest.approx(sum(SPECTRUM), rel=1e-14) and trace["se"] == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_lanczos_over_several_tensors_and_many_steps_finds_the_known_top(dtype):
+    """Lanczos keeps its basis as one matrix of flat vectors, grown as steps are taken (16 rows,
+    then doubled): a 60-dimensional quadratic over three parameter tensors of other shapes, with
+    clustered eigenvalues that need more than 16 steps, against numpy's eigh of the same H."""
+    n, g = 60, torch.Generator().manual_seed(5)
+    spectrum = torch.cat([torch.tensor([10.0, 9.9, 9.8]), torch.linspace(-1, 9, n - 3)])
+    rotation = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))[0]
+    hess = (rotation @ torch.diag(spectrum.double()) @ rotation.T).to(dtype)
+
+    class Pieces(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Parameter(torch.randn(4, 5, generator=g, dtype=torch.float64).to(dtype))
+            self.b = nn.Parameter(torch.randn(30, generator=g, dtype=torch.float64).to(dtype))
+            self.c = nn.Parameter(torch.randn(2, 5, 1, generator=g, dtype=torch.float64).to(dtype))
+
+        def forward(self, x):
+            return torch.cat([self.a.reshape(-1), self.b, self.c.reshape(-1)])
+
+    model = Pieces()
+    result = probes.hessian_eigs(model, lambda z, _: 0.5 * z @ hess @ z, torch.zeros(1),
+                                 torch.zeros(1), k=3, tol=1e-6 if dtype == torch.float32
+                                 else 1e-10, max_iter=n)
+    assert result["hvps"] > 16  # the basis grew past its first allocation
+    exact = np.linalg.eigh(hess.double().numpy())
+    rel = 1e-5 if dtype == torch.float32 else 1e-10
+    assert result["eigenvalues"] == pytest.approx(exact[0][::-1][:3].tolist(), rel=rel)
+    top = result["vectors"][0]
+    assert {k: tuple(v.shape) for k, v in top.items()} == {"a": (4, 5), "b": (30,),
+                                                           "c": (2, 5, 1)}
+    flat = torch.cat([top[k].reshape(-1) for k in ("a", "b", "c")]).double().numpy()
+    assert abs(float(flat @ exact[1][:, -1])) == pytest.approx(1, rel=rel)
 
 
 def test_warm_start_converges_in_fewer_products():
