@@ -179,16 +179,21 @@ class _LpNormFn(torch.autograd.Function):
     derivatives are autograd's own."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, p, eps, dims, shape):
+    def forward(ctx, x, weight, bias, layer, dims, shape):
+        p, eps = layer.p, layer.eps
         mean, stat, norm = _lp_stats(x, p, eps, dims)
         y, scale = _normalize(x, weight, bias, mean, norm, shape)
+        # the running averages here, where autograd records nothing: the statistics need not
+        # leave the function as outputs (each output of an autograd.Function costs as much as
+        # an op here, and a DLN step has 24 of these layers)
+        layer.running_mean.lerp_(mean.to(layer.running_mean.dtype), layer.momentum)
+        layer.running_norm.lerp_(stat.to(layer.running_norm.dtype), layer.momentum)
         ctx.save_for_backward(x, weight, bias, mean, stat, norm, scale)
         ctx.p, ctx.eps, ctx.dims, ctx.shape = p, eps, dims, shape
-        ctx.mark_non_differentiable(mean, stat)
-        return y, mean, stat
+        return y
 
     @staticmethod
-    def backward(ctx, g, _mean, _stat):
+    def backward(ctx, g):
         x, weight, bias, mean, stat, norm, scale = ctx.saved_tensors
         p, dims, shape = ctx.p, ctx.dims, ctx.shape
         if torch.is_grad_enabled():  # create_graph: differentiate the definition
@@ -198,7 +203,7 @@ class _LpNormFn(torch.autograd.Function):
                     _lp_reference(x, weight, bias, p, ctx.eps, dims, shape), inputs, g,
                     create_graph=True))
             return (*(next(grads) if need else None for need in ctx.needs_input_grad[:3]),
-                    None, None, None, None)
+                    None, None, None)
         n = x.numel() // x.shape[1]
         g_sum = g.sum(dim=dims)
         # dL/dscale = sum g (x - mean); y depends on norm only through scale = weight / norm
@@ -219,7 +224,12 @@ class _LpNormFn(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             grad_w = d_scale / norm
         grad_b = g_sum if ctx.needs_input_grad[2] else None
-        return grad_x, grad_w, grad_b, None, None, None, None
+        return grad_x, grad_w, grad_b, None, None, None
+
+
+# per input rank: the dimensions statistics are taken over (all but the unit's) and the shape
+# that broadcasts a per-unit vector
+_LAYOUTS = {d: ([0] + list(range(2, d)), (1, -1) + (1,) * (d - 2)) for d in range(2, 6)}
 
 
 class LpNorm(nn.Module):
@@ -246,15 +256,10 @@ class LpNorm(nn.Module):
         self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dims = [0] + list(range(2, x.dim()))
-        shape = (1, -1) + (1,) * (x.dim() - 2)
+        dims, shape = _LAYOUTS[x.dim()]
         if self.training:
-            y, mean, stat = _LpNormFn.apply(x, self.weight, self.bias, self.p, self.eps, dims,
-                                            shape)
-            with torch.no_grad():
-                self.running_mean.lerp_(mean.to(self.running_mean.dtype), self.momentum)
-                self.running_norm.lerp_(stat.to(self.running_norm.dtype), self.momentum)
-                self.num_batches_tracked += 1
+            y = _LpNormFn.apply(x, self.weight, self.bias, self, dims, shape)
+            self.num_batches_tracked.add_(1)
             return y
         norm = self.running_norm + self.eps if self.p == math.inf else self.running_norm
         return _normalize(x, self.weight, self.bias, self.running_mean, norm, shape)[0]
