@@ -14,6 +14,7 @@ are per unit (channel).
 """
 from __future__ import annotations
 
+import functools
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -227,9 +228,11 @@ class _LpNormFn(torch.autograd.Function):
         return grad_x, grad_w, grad_b, None, None, None
 
 
-# per input rank: the dimensions statistics are taken over (all but the unit's) and the shape
-# that broadcasts a per-unit vector
-_LAYOUTS = {d: ([0] + list(range(2, d)), (1, -1) + (1,) * (d - 2)) for d in range(2, 6)}
+@functools.cache
+def _layout(rank: int) -> tuple[list[int], tuple[int, ...]]:
+    """The dimensions statistics are taken over (all but the unit's) for an input of this rank,
+    and the shape that broadcasts a per-unit vector over it."""
+    return [0] + list(range(2, rank)), (1, -1) + (1,) * (rank - 2)
 
 
 class LpNorm(nn.Module):
@@ -256,7 +259,7 @@ class LpNorm(nn.Module):
         self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dims, shape = _LAYOUTS[x.dim()]
+        dims, shape = _layout(x.dim())
         if self.training:
             y = _LpNormFn.apply(x, self.weight, self.bias, self, dims, shape)
             self.num_batches_tracked.add_(1)

@@ -240,3 +240,31 @@ def test_noise_in_eval_is_seeded_by_the_evaluation_and_leaves_training_alone():
     layer.train()
     twin.train()
     assert torch.equal(layer(x), twin(x))  # the training sequence is where it was
+
+
+def test_lp_norm_traced_by_torch_compile_trains_as_eager():
+    """LpNorm's autograd function updates the running averages inside its forward: through
+    torch.compile's tracing (dynamo and AOT autograd, without generating code) the outputs,
+    gradients and running averages of two training steps equal eager's."""
+    torch.manual_seed(0)
+    x = torch.randn(64, 6)
+    results = []
+    for compiled in (False, True):
+        torch.manual_seed(1)
+        net = nn.Sequential(nn.Linear(6, 6), LpNorm(6, 1), nn.Linear(6, 3), LpNorm(3, math.inf))
+        run = torch.compile(net, backend="aot_eager") if compiled else net
+        outs = []
+        for _ in range(2):
+            out = run(x)
+            out.square().sum().backward()
+            outs.append(out.detach())
+        results.append((outs, {k: v.clone() for k, v in net.state_dict().items()},
+                        [p.grad.clone() for p in net.parameters()]))
+    (eager_out, eager_state, eager_grads), (comp_out, comp_state, comp_grads) = results
+    for a, b in zip(eager_out, comp_out):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert int(comp_state["1.num_batches_tracked"]) == 2
+    for key in eager_state:
+        torch.testing.assert_close(eager_state[key], comp_state[key], rtol=1e-5, atol=1e-6)
+    for a, b in zip(eager_grads, comp_grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

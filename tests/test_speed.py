@@ -160,15 +160,18 @@ def test_empty_step_hooks_are_hidden_and_the_fit_is_unchanged(in_tmp, monkeypatc
 
 
 @pytest.mark.slow
-def test_the_multi_tensor_optimizer_step_trains_as_the_loop_over_tensors(in_tmp, monkeypatch):
-    """The fit's optimizers take torch's multi-tensor step (modules.FOREACH): a DLN with BN and
-    momentum trained by it ends with the same weights, bit for bit, as with the per-tensor loop
-    torch uses on a CPU by default, and logs the same values."""
+@pytest.mark.parametrize("optimizer", ["--model.optimizer=sgd", "--model.optimizer=adamw",
+                                       "--model.optimizer=rmsprop"])
+def test_the_multi_tensor_optimizer_step_trains_as_the_loop_over_tensors(in_tmp, monkeypatch,
+                                                                         optimizer):
+    """The fit's optimizers take torch's multi-tensor step (modules.FOREACH): a DLN with BN
+    trained by it (with momentum and weight decay) ends with the same weights, bit for bit, as
+    with the per-tensor loop torch uses on a CPU by default, and logs the same values."""
     from bnstudy import modules
 
     monkeypatch.setenv("WANDB_MODE", "disabled")
     args = ["fit", *tiny_args("dln_bn.yaml"), "--trainer.max_steps=12", "--model.momentum=0.9",
-            "--trainer.callbacks=[]"]
+            "--model.weight_decay=0.01", optimizer, "--trainer.callbacks=[]"]
     cli = cli_main([*args, "--run_dir=foreach"])
     assert cli.trainer.optimizers[0].defaults["foreach"] is True
     monkeypatch.setattr(modules, "FOREACH", None)  # torch's default: the loop on a CPU

@@ -17,7 +17,8 @@ class StepProgressBar(RichProgressBar):
         # Rich's refresh thread draws what is due as often as refresh_rate says (Lightning's
         # default: 100 wake-ups a second, each taking the GIL from the training step); draws
         # come at most every `interval` here, so it need not wake more often than that
-        kwargs.setdefault("refresh_rate", max(1, math.ceil(1 / interval)))
+        if interval > 0:  # 0: a draw every step, as often as Lightning's default thread wakes
+            kwargs.setdefault("refresh_rate", max(1, math.ceil(1 / interval)))
         super().__init__(**kwargs)
         self.interval, self._drawn = interval, float("-inf")
 

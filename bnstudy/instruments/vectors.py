@@ -30,6 +30,8 @@ def widen(tensors: Sequence[Tensor]) -> Sequence[Tensor]:
 
 def dot(a: Sequence[Tensor], b: Sequence[Tensor]) -> float:
     """In float64, over the tensors taken as one vector (one product, not one a tensor)."""
+    if not a:
+        return 0.0
     return float(torch.dot(torch.cat([x.reshape(-1) for x in a]).double(),
                            torch.cat([y.reshape(-1) for y in b]).double()))
 

@@ -91,3 +91,18 @@ def test_bench_startup_times_the_same_plan_in_both_checkouts(tmp_path):
     # both times are printed to 0.01 s and the ratio to 0.01: allow for the rounding of all three
     rounding = other / this * (0.005 / other + 0.005 / this) + 0.005
     assert speedup == pytest.approx(other / this, abs=rounding + 1e-9)
+
+
+def test_bench_model_costs_times_every_norm_and_curvature_case_in_both_checkouts():
+    out = bench("bench/bench_model_costs.py", "--quick", "--repo", str(REPO))
+    rows = {cells[0]: cells for cells in ([c.strip() for c in line.strip("|").split("|")]
+                                          for line in out.splitlines() if line.startswith("| "))}
+    for norm in ("none", "batch", "noisy_batch", "l1", "l2", "linf"):
+        this, old, ratio = rows[f"step {norm}"][1:]
+        assert float(this.split()[0]) > 0 and float(old.split()[0]) > 0
+        assert 0.1 < float(ratio.split()[0]) < 10
+    for case in ("dln", "dln_l1", "dln_batch", "vgg11_bn"):
+        this, old = rows[f"curvature {case}"][1:3]
+        # the same code on both sides: the same products, the same eigenvalue
+        assert re.search(r"\((\d+) products, lambda (\S+)\)", this).groups() == \
+            re.search(r"\((\d+) products, lambda (\S+)\)", old).groups()

@@ -28,3 +28,4 @@ def test_the_refresh_thread_wakes_as_often_as_the_bar_draws():
     assert StepProgressBar().refresh_rate == 2  # draws at most every 0.5 s
     assert StepProgressBar(interval=0.1).refresh_rate == 10
     assert StepProgressBar(refresh_rate=5).refresh_rate == 5  # an explicit rate wins
+    assert StepProgressBar(interval=0).refresh_rate == 100  # a draw every step: as Lightning

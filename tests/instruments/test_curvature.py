@@ -73,6 +73,30 @@ def test_lanczos_over_several_tensors_and_many_steps_finds_the_known_top(dtype):
     assert abs(float(flat @ exact[1][:, -1])) == pytest.approx(1, rel=rel)
 
 
+def test_lanczos_under_bf16_autocast_keeps_its_basis_in_float32():
+    """Under bf16-mixed (the fast preset) the probes run inside autocast: the products are the
+    loss's own, but the basis arithmetic (matrix products, which autocast would run in bf16)
+    stays float32. A diagonal quadratic, whose products are elementwise (autocast leaves them
+    alone), with clustered eigenvalues: found to 1e-5 (bf16 reorthogonalization: about 1e-3)."""
+    n = 48
+    diagonal = torch.cat([torch.tensor([5.0, 4.95, 4.9]), torch.linspace(-1, 4.8, n - 3)])
+
+    class Point(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(n, generator=torch.Generator().manual_seed(2)))
+
+        def forward(self, x):
+            return self.w
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        result = probes.hessian_eigs(Point(), lambda w, _: 0.5 * (diagonal * w * w).sum(),
+                                     torch.zeros(1), torch.zeros(1), k=3, tol=1e-6, max_iter=n)
+    assert result["hvps"] > 16
+    assert result["eigenvalues"] == pytest.approx([5.0, 4.95, 4.9], rel=1e-5)
+    assert result["vectors"][0]["w"].dtype == torch.float32
+
+
 def test_warm_start_converges_in_fewer_products():
     model, loss_fn, x, y = TWINS["mlp_bn"]()
     cold = probes.hessian_eigs(model, loss_fn, x, y, tol=1e-4)
