@@ -10,7 +10,9 @@ tests/fixtures/dln_bn_run_before_the_house was made by the code before the move 
 (its .lock removed): config.yaml, metrics.csv of steps 0-4, last.ckpt and the best checkpoint,
 with the paper's DLN instruments, Curvature's warm start among them. It stops at an epoch's end:
 a DLN run stopped mid-epoch (step 3 here) and resumed does not end bit for bit where an
-uninterrupted one does, on the code before the move too (a known difference, not the move's)."""
+uninterrupted one does, on the code before the move too (a known difference, not the move's).
+Since Lanczos' arithmetic changed (2026-12-03), Curvature's vector and eigenvalue compare to float
+rounding; everything else bit for bit."""
 from __future__ import annotations
 
 import importlib
@@ -94,7 +96,20 @@ def test_a_run_directory_written_before_the_move_resumes_as_one_never_stopped(in
     assert a["state_dict"].keys() == b["state_dict"].keys()
     for key in a["state_dict"]:
         assert_identical(a["state_dict"][key], b["state_dict"][key], key)
-    assert_identical(a["callbacks"]["Instruments"], b["callbacks"]["Instruments"], "Instruments")
+    # Lanczos' arithmetic changed after the fixture was written (its basis as flat vectors, a
+    # block of matrix-vector products, since 2026-12-03): Curvature's warm-start vector is the
+    # same to float rounding (1e-6 of a unit vector; its BN-bias entries are themselves of that
+    # size), not bit for bit. Everything else the instruments keep is.
+    ours, theirs = a["callbacks"]["Instruments"], b["callbacks"]["Instruments"]
+    assert ours.keys() == theirs.keys()
+    for name in ours:
+        for key in ours[name]:
+            if (name, key) != ("curv", "vectors"):
+                assert_identical(ours[name][key], theirs[name][key], f"Instruments.{name}.{key}")
+    for x, y in zip(ours["curv"]["vectors"], theirs["curv"]["vectors"], strict=True):
+        assert x.keys() == y.keys()
+        for key in x:
+            torch.testing.assert_close(x[key], y[key], rtol=0, atol=1e-6)
     whole_rows, old_rows = read_metrics(whole), read_metrics(old)
     assert [r["step"] for r in old_rows] == [r["step"] for r in whole_rows]
     # the columns the code before the move wrote (new quantities, such as ics/rel, start at 4)
@@ -111,4 +126,9 @@ def test_a_run_directory_written_before_the_move_resumes_as_one_never_stopped(in
             resumed_at = [r["step"] for r in old_rows].index("4")
             assert old_values[resumed_at] == "" and whole_values[resumed_at] != "", column
             old_values[resumed_at] = whole_values[resumed_at] = ""
+        if column in ("curv/lambda_max", "curv/residual"):  # Lanczos' rounding, as above
+            assert [v == "" for v in old_values] == [v == "" for v in whole_values], column
+            assert [v for v in old_values if v != ""] == pytest.approx(
+                [v for v in whole_values if v != ""], rel=1e-6 if column.endswith("max") else 1e-4)
+            continue
         assert old_values == whole_values, column
