@@ -31,6 +31,7 @@ CURVATURE = ["dln", "dln_l1", "dln_batch", "vgg11_bn"]
 CHILD = r"""
 import json, sys, time
 repo, steps, reps = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+NORMS, CURVATURE = json.loads(sys.argv[4]), json.loads(sys.argv[5])
 sys.path.insert(0, repo)
 import torch
 torch.set_num_threads(1)
@@ -59,7 +60,8 @@ for case in CURVATURE:
     torch.manual_seed(0)
     if case == "vgg11_bn":
         net = VGG(depth=11, width=0.125, norm="batch", num_classes=10).train()
-        inputs, targets = torch.randn(128, 3, 32, 32, generator=gen), torch.randint(0, 10, (128,), generator=gen)
+        inputs = torch.randn(128, 3, 32, 32, generator=gen)
+        targets = torch.randint(0, 10, (128,), generator=gen)
         loss_fn = torch.nn.functional.cross_entropy
     else:
         net = DeepLinear(25, 10, case.partition("_")[2] or "none").train()
@@ -73,12 +75,14 @@ for case in CURVATURE:
     out["curvature " + case] = {"value": min(times), "hvps": r["hvps"],
                                 "lambda": r["eigenvalues"][0]}
 print("BENCH_RESULT " + json.dumps(out), flush=True)
-""".replace("NORMS", repr(NORMS)).replace("CURVATURE", repr(CURVATURE))
+"""
 
 
 def child(repo: Path, steps: int, reps: int) -> dict:
-    proc = subprocess.run([sys.executable, "-c", CHILD, str(repo), str(steps), str(reps)],
-                          capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = subprocess.run([sys.executable, "-c", CHILD, str(repo), str(steps), str(reps),
+                           json.dumps(NORMS), json.dumps(CURVATURE)],
+                          capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     for line in proc.stdout.splitlines():
         if line.startswith(MARK):
             return json.loads(line[len(MARK):])

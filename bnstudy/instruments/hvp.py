@@ -117,7 +117,7 @@ def lanczos(hvp: Callable[[list[Tensor]], list[Tensor]], start: list[Tensor], k:
     alphas: list[float] = []
     betas: list[float] = []  # betas[j]: coupling of basis j and j + 1
     theta, s, worst = None, None, float("inf")
-    for j in range(min(max_iter, n)):
+    for j in range(solver.steps):
         alpha, w = solver.step(q, betas[-1] if betas else 0.0)
         alphas.append(alpha)
         beta = math.sqrt(max(float(w.double() @ w.double()), 0.0))
@@ -130,7 +130,7 @@ def lanczos(hvp: Callable[[list[Tensor]], list[Tensor]], start: list[Tensor], k:
         worst = float(np.max(residual / scale)) if len(theta) >= min(k, n) else float("inf")
         if len(theta) >= min(k, n) and worst <= tol:
             break
-        if j + 1 == min(max_iter, n):
+        if j + 1 == solver.steps:
             break
         if beta <= 1e-10 * max(1.0, float(np.max(np.abs(evals)))):
             # an invariant subspace: go on from a fresh random vector orthogonal to it

@@ -85,8 +85,8 @@ def lanczos_tridiagonal(hvp: Callable[[list[Tensor]], list[Tensor]], start: list
     space was exhausted (an invariant subspace: the quadrature is then exact). Ends earlier when
     `stop(alphas, betas)` says so (asked after every step).
 
-    The basis is one (steps x n) matrix (FlatLanczos, as hessian_eigs' Lanczos), so
-    reorthogonalizing is two matrix-vector products; hvp sees views of a flat vector."""
+    The basis is kept as flat vectors in blocks (FlatLanczos, as hessian_eigs' Lanczos), so
+    reorthogonalizing is matrix-vector products; hvp sees views of a flat vector."""
     n = sum(t.numel() for t in start)
     solver = FlatLanczos(hvp, start, min(m, n))
     q = solver.flat(start)
@@ -94,7 +94,7 @@ def lanczos_tridiagonal(hvp: Callable[[list[Tensor]], list[Tensor]], start: list
     alphas: list[float] = []
     betas: list[float] = []
     scale = 0.0  # the largest |alpha| or beta seen: the breakdown test is relative to it
-    for j in range(min(m, n)):
+    for j in range(solver.steps):
         alpha, w = solver.step(q, betas[-1] if betas else 0.0)
         alphas.append(alpha)
         beta = float(w.double().norm())
@@ -103,7 +103,7 @@ def lanczos_tridiagonal(hvp: Callable[[list[Tensor]], list[Tensor]], start: list
             return alphas, betas, False
         if j + 1 == n or beta <= 1e-7 * scale:
             return alphas, betas, True
-        if j + 1 == min(m, n) or (stop is not None and stop(alphas, betas)):
+        if j + 1 == solver.steps or (stop is not None and stop(alphas, betas)):
             break
         betas.append(beta)
         q = w / beta
