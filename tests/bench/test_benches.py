@@ -106,3 +106,15 @@ def test_bench_model_costs_times_every_norm_and_curvature_case_in_both_checkouts
         # the same code on both sides: the same products, the same eigenvalue
         assert re.search(r"\((\d+) products, lambda (\S+)\)", this).groups() == \
             re.search(r"\((\d+) products, lambda (\S+)\)", old).groups()
+
+
+def test_bench_packing_times_the_same_steps_alone_and_packed():
+    out = bench("bench/bench_packing.py", "--quick", "--repeats", "1", "--dln-steps", "3")
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in out.splitlines()
+            if line.startswith("| DLN-25 |")]
+    assert [int(r[1]) for r in rows] == [1, 2]
+    for row in rows:
+        alone, packed = float(row[2]), float(row[3])
+        assert float(row[4].split()[0]) == pytest.approx(alone / packed, abs=0.01)
+        # the packed step gives each member the gradient its own net gives (its own data)
+        assert float(row[5]) < 1e-5
