@@ -24,6 +24,10 @@ Per case and repeat, each in its own process, one after the other:
   fit paper    the same with the paper's instruments only (ICS, landscape along the gradient and
                along random directions, activation statistics: the config's list without
                bnstudy's own Curvature and Theorem 4.1 probes)
+  Lightning alone  the config's module and data in a bare `lightning.Trainer` (no logger,
+               callback, checkpoint or progress bar; bnstudy's no-op profiler and hidden no-op
+               hooks where the checkout has them): Lightning's loop at its cheapest, the ceiling
+               for `fit` inside Lightning's automatic optimization
 Validation is off in the fits (the plain loop has none). Every process is timed inside itself
 (a callback records the clock at the start of each training step; start-up, the first steps and
 the end of the fit are left out), in wall time and in CPU time (CPU time is what a shared machine
@@ -118,7 +122,7 @@ if mode.startswith("plain"):
                 break
     times.append((time.perf_counter(), time.process_time()))
     report(times[start:])
-else:
+else:  # "fit" (a `bnstudy fit` as a user runs it) or "bare" (Lightning's loop alone)
     import lightning.pytorch as pl
 
     class Clock(pl.Callback):
@@ -187,6 +191,28 @@ else:
                                      "hooks": self.hooks, "bursts": self.bursts,
                                      "skipped": self.skipped, "burst": BURST}), flush=True)
 
+    if mode == "bare":
+        # the config's module and data (built by the CLI) in a bare lightning.Trainer: no logger,
+        # callback, checkpoint, progress bar or validation, and bnstudy's two cuts of Lightning's
+        # per-hook cost where the checkout has them: the loop alone, at its cheapest
+        import torch
+        from bnstudy.cli import cli_main
+        cli = cli_main([*args, "--trainer.logger=false", "--trainer.callbacks=[]"], run=False)
+        extra = {}
+        try:
+            from bnstudy.lightning_cli import NoProfiler, skip_empty_step_hooks
+            extra["profiler"] = NoProfiler()
+        except ImportError:
+            skip_empty_step_hooks = None
+        trainer = pl.Trainer(max_steps=stop + 1, logger=False, callbacks=[Clock()],
+                             enable_checkpointing=False, enable_progress_bar=False,
+                             enable_model_summary=False, limit_val_batches=0,
+                             accelerator="cpu", devices=1, **extra)
+        if skip_empty_step_hooks is not None:
+            skip_empty_step_hooks(trainer.callbacks)
+        torch.set_num_threads(1)
+        trainer.fit(cli.model, datamodule=cli.datamodule)
+        sys.exit(0)
     init = pl.Trainer.__init__
     @functools.wraps(init)  # the CLI reads the Trainer's arguments from its signature
     def with_clock(self, *a, callbacks=None, **k):
@@ -201,7 +227,7 @@ def child(mode: str, window: tuple[int, int], args: list[str], repo: Path, kind:
     env = {k: v for k, v in os.environ.items()
            if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "BNSTUDY_RUN_DIR")}
     env.update(WANDB_MODE="offline", WANDB_SILENT="true", PYTHONPATH=str(repo))
-    burst, every = BURSTS[kind] if mode == "fit" else (0, 1)
+    burst, every = BURSTS[kind] if mode in ("fit", "bare") else (0, 1)
     cmd = [sys.executable, "-c", CHILD, mode, str(window[0]), str(window[1]), str(burst),
            str(every), *args]
     proc = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True)
@@ -260,6 +286,8 @@ def measure(case: str, repo: Path, tmp: Path, scale: float) -> dict:
         for mode in ("bf16", "nchw"):
             result[mode] = child(f"plain_{mode}", plain_window,
                                  [*base, f"--run_dir={next(run_dirs)}"], repo, kind)
+    result["bare"] = child("bare", fit_window, [*base, f"--run_dir={next(run_dirs)}"], repo,
+                           kind)
     result["off"] = child("fit", fit_window, [*fit, "--trainer.callbacks=[]",
                                               f"--run_dir={next(run_dirs)}"], repo, kind)
     result["instr"] = child("fit", fit_window, [*fit, f"--run_dir={next(run_dirs)}"], repo, kind)
@@ -322,6 +350,7 @@ def rows(case: str, load: str, repeats: list[dict], clock: str) -> list[str]:
     shares = [100 * r["instr"]["hook_share"] for r in repeats
               if r["instr"].get("hook_share") is not None]
     cells.append(spread(shares, "{:.2f}%") if shares and clock == "wall" else "")
+    cells.append(spread(same("bare")) if "bare" in repeats[0] and same("bare") else "")
     return cells
 
 
@@ -371,8 +400,8 @@ def main() -> int:
           "| fit paper ms/step | fit off / plain | fit instr. / plain | fit paper / plain "
           "| same process: off / plain | instr. / plain | paper / plain "
           "| no-probe step vs off | bf16 speed-up, plain | channels_last speed-up, plain fp32 "
-          "| Instruments' hooks in a no-probe step |")
-    print("|---" * 17 + "|")
+          "| Instruments' hooks in a no-probe step | same process: Lightning alone / plain |")
+    print("|---" * 18 + "|")
     for cells in table:
         print("| " + " | ".join(cells) + " |")
     return 0

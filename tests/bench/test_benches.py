@@ -46,6 +46,7 @@ def test_bench_overhead_prints_every_ratio_for_a_case():
         assert 0.1 < float(same) < 2
     share = float(cells[16].rstrip("%"))  # the Instruments hooks, timed in their own process
     assert 0 < share < 50
+    assert 0.1 < float(cells[17]) < 2  # Lightning alone, against the plain bursts in its process
 
 
 def test_bench_overhead_takes_ratios_within_each_repeat_and_their_median(tmp_path):
