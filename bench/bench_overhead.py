@@ -25,8 +25,9 @@ Per case and repeat, each in its own process, one after the other:
                along random directions, activation statistics: the config's list without
                bnstudy's own Curvature and Theorem 4.1 probes)
   Lightning alone  the config's module and data in a bare `lightning.Trainer` (no logger,
-               callback, checkpoint or progress bar; bnstudy's no-op profiler and hidden no-op
-               hooks where the checkout has them): Lightning's loop at its cheapest, the ceiling
+               callback, checkpoint or progress bar; the threads `fit` would choose, and
+               bnstudy's no-op profiler and hidden no-op hooks where the checkout has them):
+               Lightning's loop at its cheapest, the ceiling
                for `fit` inside Lightning's automatic optimization
 Validation is off in the fits (the plain loop has none). Every process is timed inside itself
 (a callback records the clock at the start of each training step; start-up, the first steps and
@@ -195,8 +196,8 @@ else:  # "fit" (a `bnstudy fit` as a user runs it) or "bare" (Lightning's loop a
         # the config's module and data (built by the CLI) in a bare lightning.Trainer: no logger,
         # callback, checkpoint, progress bar or validation, and bnstudy's two cuts of Lightning's
         # per-hook cost where the checkout has them: the loop alone, at its cheapest
-        import torch
         from bnstudy.cli import cli_main
+        from bnstudy.threads import ThreadsForFit  # the threads `fit` would choose
         cli = cli_main([*args, "--trainer.logger=false", "--trainer.callbacks=[]"], run=False)
         extra = {}
         try:
@@ -204,13 +205,12 @@ else:  # "fit" (a `bnstudy fit` as a user runs it) or "bare" (Lightning's loop a
             extra["profiler"] = NoProfiler()
         except ImportError:
             skip_empty_step_hooks = None
-        trainer = pl.Trainer(max_steps=stop + 1, logger=False, callbacks=[Clock()],
-                             enable_checkpointing=False, enable_progress_bar=False,
-                             enable_model_summary=False, limit_val_batches=0,
-                             accelerator="cpu", devices=1, **extra)
+        trainer = pl.Trainer(max_steps=stop + 1, logger=False,
+                             callbacks=[Clock(), ThreadsForFit()], enable_checkpointing=False,
+                             enable_progress_bar=False, enable_model_summary=False,
+                             limit_val_batches=0, accelerator="cpu", devices=1, **extra)
         if skip_empty_step_hooks is not None:
             skip_empty_step_hooks(trainer.callbacks)
-        torch.set_num_threads(1)
         trainer.fit(cli.model, datamodule=cli.datamodule)
         sys.exit(0)
     init = pl.Trainer.__init__

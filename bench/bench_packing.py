@@ -54,17 +54,16 @@ def members(kind: str, norm: str, size: int):
     return nets, x, torch.randint(0, 10, (size, 128), generator=gen), F.cross_entropy, 0.1
 
 
-def packed_against_alone(nets, loss_fn, x, y, packed_step, params, buffers, keys) -> float:
-    """The largest relative difference, over members, between the gradient the packed step gives
-    a member and the one its own net's backward gives, at the same weights: the two sides do the
-    same work (each member its own data and weights)."""
-    grads, _ = packed_step(params, {k: v.clone() for k, v in buffers.items()}, x, y)
+def packed_against_alone(nets, loss_fn, x, y, packed_grads: dict) -> float:
+    """The largest relative difference, over members, between the gradient the packed step gave
+    a member (`packed_grads`, name -> (S, ...)) and the one its own net's backward gives, at the
+    same weights: the two sides do the same work (each member its own data and weights)."""
     worst = 0.0
     for i, net in enumerate(nets):
         twin = copy.deepcopy(net)  # its BN running statistics stay as they are
         own = torch.autograd.grad(loss_fn(twin(x[i]), y[i]), list(twin.parameters()))
         mine = torch.cat([g.reshape(-1) for g in own])
-        packed = torch.cat([grads[k][i].reshape(-1) for k in keys])
+        packed = torch.cat([g[i].reshape(-1) for g in packed_grads.values()])
         worst = max(worst, float((mine - packed).norm() / mine.norm()))
     return worst
 
@@ -81,9 +80,8 @@ def measure(kind: str, norm: str, size: int, steps: int, repeats: int) -> dict:
 
     # the packed copy starts from the same weights and buffers (BN's running statistics)
     skeleton = copy.deepcopy(nets[0]).to("meta")
-    params, buffers = stack_module_state(nets)
-    params = {k: v.detach().clone() for k, v in params.items()}
-    buffers = {k: v.clone() for k, v in buffers.items()}
+    params, buffers = stack_module_state(nets)  # stacked copies, the nets' own left alone
+    params = {k: v.detach() for k, v in params.items()}
     keys = list(params)
 
     def loss_of(p, b, xi, yi):
@@ -95,7 +93,8 @@ def measure(kind: str, norm: str, size: int, steps: int, repeats: int) -> dict:
         grads, _ = packed_step(params, buffers, x, y)
         torch._foreach_add_([params[k] for k in keys], [grads[k] for k in keys], alpha=-lr)
 
-    grad_diff = packed_against_alone(nets, loss_fn, x, y, packed_step, params, buffers, keys)
+    grads, _ = packed_step(params, {k: v.clone() for k, v in buffers.items()}, x, y)
+    grad_diff = packed_against_alone(nets, loss_fn, x, y, grads)
     for fn in (alone, packed):  # warm-up (allocator, first-call work)
         for _ in range(2):
             fn()
