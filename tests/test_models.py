@@ -11,6 +11,7 @@ from torch import nn
 from bnstudy.data import GaussianRegressionData
 from bnstudy.models import VGG, VGG_PLANS, DeepLinear, FeatureMajorLinear, init_weights
 from bnstudy.modules import DLNModule, VGGModule
+from bnstudy.norms import FeatureMajorBatchNorm1d
 
 
 @pytest.mark.parametrize("depth, convs", [(11, 8), (13, 10), (16, 13), (19, 16)])
@@ -36,8 +37,8 @@ def test_vgg_takes_input_shape_from_data():
 def test_dln_norm_after_every_layer_but_the_last():
     net = DeepLinear(depth=25, dim=10, norm="batch")
     kinds = [type(m) for m in net.layers]
-    assert kinds.count(FeatureMajorLinear) == 25 and kinds.count(nn.BatchNorm1d) == 24
-    assert kinds[-1] is FeatureMajorLinear and kinds[-2] is nn.BatchNorm1d
+    assert kinds.count(FeatureMajorLinear) == 25 and kinds.count(FeatureMajorBatchNorm1d) == 24
+    assert kinds[-1] is FeatureMajorLinear and kinds[-2] is FeatureMajorBatchNorm1d
     assert all(m.bias is None for m in net.layers if isinstance(m, nn.Linear))
     assert not any(isinstance(m, (nn.ReLU, nn.Tanh)) for m in net.modules())
 
@@ -64,6 +65,48 @@ def test_the_feature_major_dln_computes_what_nn_linear_does(norm):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
     if norm == "none":  # the sums did run in another order (BN's output hides it)
         assert not torch.equal(outs[1], outs[0])
+
+
+def test_feature_major_batchnorm_is_batchnorm1d_in_the_dlns_layout():
+    """On a feature-major input it computes BatchNorm1d's output, gradients and running
+    statistics (to float rounding) and keeps the layout; on any other input it is BatchNorm1d
+    bit for bit."""
+    torch.manual_seed(0)
+    x = (torch.randn(10, 1000) * 3 + 1).t()  # (1000, 10), one row per unit in memory
+    g = torch.randn(1000, 10)
+    torch_bn, ours = nn.BatchNorm1d(10), FeatureMajorBatchNorm1d(10)
+    with torch.no_grad():
+        torch_bn.weight.uniform_(0.5, 2), torch_bn.bias.uniform_(-1, 1)
+    ours.load_state_dict(torch_bn.state_dict())
+    results = []
+    for bn in (torch_bn, ours):
+        xi = x.detach().clone(memory_format=torch.preserve_format).requires_grad_()
+        out = bn(xi)
+        out.backward(g)
+        results.append((out, xi.grad, bn.weight.grad, bn.bias.grad))
+    assert results[1][0].stride() == (1, 1000) and results[0][0].stride() == (10, 1)
+    for a, b in zip(*results):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+    for a, b in zip(torch_bn.buffers(), ours.buffers()):
+        torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-6)
+    torch_bn.eval(), ours.eval()
+    torch.testing.assert_close(ours(x), torch_bn(x), rtol=1e-6, atol=1e-6)
+    ours.load_state_dict(torch_bn.state_dict())
+    for other in (x.contiguous(), torch.randn(8, 10, 5)):  # row-major, (N, C, L): torch's path
+        torch_bn.train(), ours.train()
+        assert torch.equal(ours(other), torch_bn(other))
+        assert all(torch.equal(a, b) for a, b in zip(torch_bn.buffers(), ours.buffers()))
+
+
+@pytest.mark.parametrize("norm", ["batch", "noisy_batch", "l1", "l2", "linf"])
+def test_every_activation_of_a_normalized_dln_stays_feature_major(norm):
+    """The products stay in their fast orientation only if every norm keeps the layout."""
+    net = DeepLinear(depth=5, dim=10, norm=norm)
+    strides = []
+    for m in net.layers:
+        m.register_forward_hook(lambda mod, inp, out: strides.append(out.stride()))
+    net(torch.randn(1000, 10)).sum().backward()
+    assert len(strides) == 9 and set(strides) == {(1, 1000)}  # norms and products alike
 
 
 @pytest.mark.parametrize("scheme", ["glorot", "kaiming", "orthogonal"])

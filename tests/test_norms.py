@@ -78,6 +78,26 @@ def test_noise_off_in_eval_by_default_and_on_when_asked():
     assert not torch.equal(on(x), on[0](x))
 
 
+@pytest.mark.parametrize("shape", [(1000, 10), (16, 8, 4, 4)])
+def test_noise_is_algorithm_1_drawn_value_by_value(shape):
+    """The twin: algorithm 1 written out op by op, from the same generator's values in the same
+    order, gives the same noise to float rounding (sample's fused ops round once where it
+    rounds twice)."""
+    cfg = NoiseConfig(n_mu=0.7, n_sigma=1.6, r_mu=0.15, r_sigma=0.2)
+    layer = BatchNoise(cfg)
+    like = torch.empty(shape)
+    g_ours, g_twin = torch.Generator().manual_seed(11), torch.Generator().manual_seed(11)
+    for _ in range(2):  # the second draw checks that both took as many values from the stream
+        scale, shift = layer.sample(like, g_ours)
+        unit = (1, shape[1]) + (1,) * (len(shape) - 2)
+        mu = (torch.rand(unit, generator=g_twin) * 2 - 1) * cfg.n_mu
+        sigma = 1 + torch.rand(unit, generator=g_twin) * (cfg.n_sigma - 1)
+        twin_shift = torch.rand(shape, generator=g_twin) * 2 * cfg.r_mu + (mu - cfg.r_mu)
+        twin_scale = torch.randn(shape, generator=g_twin) * cfg.r_sigma + sigma
+        torch.testing.assert_close(shift, twin_shift, rtol=0, atol=1e-6)
+        torch.testing.assert_close(scale, twin_scale, rtol=0, atol=1e-6)
+
+
 def test_noise_state_round_trips_through_state_dict():
     a = make_norm("noisy_batch", 3, spatial=False, noise=NoiseConfig(seed=7))
     a.train()
