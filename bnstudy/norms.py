@@ -95,7 +95,7 @@ class BatchNoise(nn.Module):
         # per unit: mu_j ~ U(-n_mu, n_mu) and sigma_j ~ U(1, n_sigma) from one draw of two rows
         # (the generator's values in the order two draws took them), turned into mu_j - r_mu
         # and sigma_j by one op: on the DLN's 10 units an op costs about what it does on 10,000
-        # values, and the noise's ops were a third of a noisy-BN step there
+        # values, and a noisy-BN DLN step spent a third of its time in sample
         key = (like.device, c.n_mu, c.n_sigma, c.r_mu)
         if self._unit_affine is None or self._unit_affine[0] != key:
             self._unit_affine = (key,
@@ -291,8 +291,8 @@ class FeatureMajorBatchNorm1d(nn.BatchNorm1d):
 
     Why: given that layout, BatchNorm1d writes a row-major output, and the next layer's product
     then runs in the slow orientation (see FeatureMajorLinear); with every activation of the
-    25-layer DLN kept one row per unit, a training step with BN ran about 1.2x faster, and one
-    with noisy BN 1.1x. The statistics are the same ones (per unit, over the batch; the running
+    25-layer DLN kept one row per unit, a training step with BN ran about 1.3x faster (README,
+    "The DLN's own step"). The statistics are the same ones (per unit, over the batch; the running
     variance's correction as before) up to float rounding: the sums run in another order. Any
     other input (row-major, (N, C, L)) goes to BatchNorm1d unchanged, bit for bit."""
 
