@@ -131,4 +131,12 @@ def test_a_run_directory_written_before_the_move_resumes_as_one_never_stopped(in
             assert [v for v in old_values if v != ""] == pytest.approx(
                 [v for v in whole_values if v != ""], rel=1e-6 if column.endswith("max") else 1e-4)
             continue
-        assert old_values == whole_values, column
+        # the fixture's own rows (steps 0-3) were computed on another machine, whose vector
+        # width may sum the float64 norms in another order (145439.10021104207 against ...204
+        # was seen): to float rounding; the rows this machine wrote after the resume, bit for bit
+        fixture = [r["step"] for r in old_rows].index("4")
+        ours, theirs = old_values[:fixture], whole_values[:fixture]
+        assert [v == "" for v in ours] == [v == "" for v in theirs], column
+        assert [v for v in ours if v != ""] == pytest.approx([v for v in theirs if v != ""],
+                                                             rel=1e-6), column
+        assert old_values[fixture:] == whole_values[fixture:], column
