@@ -92,17 +92,22 @@ class BatchNoise(nn.Module):
         units = like.shape[1]
         unit_shape = (1, units) + (1,) * (like.dim() - 2)
         opts = dict(device=like.device, dtype=torch.float32, generator=g)
-        # per unit: mu_j ~ U(-n_mu, n_mu) and sigma_j ~ U(1, n_sigma) from one draw of two rows
-        # (the generator's values in the order two draws took them), turned into mu_j - r_mu
+        # per unit: mu_j ~ U(-n_mu, n_mu) and sigma_j ~ U(1, n_sigma), turned into mu_j - r_mu
         # and sigma_j by one op: on the DLN's 10 units an op costs about what it does on 10,000
-        # values, and a noisy-BN DLN step spent a third of its time in sample
+        # values, and a noisy-BN DLN step spent a third of its time in sample. On the CPU one
+        # draw of both rows takes the generator's values in the order two draws took them; a
+        # CUDA generator gives each draw its own offset, so there the two draws stay two
         key = (like.device, c.n_mu, c.n_sigma, c.r_mu)
         if self._unit_affine is None or self._unit_affine[0] != key:
-            self._unit_affine = (key,
-                                 torch.tensor([[2 * c.n_mu], [c.n_sigma - 1]], device=like.device),
-                                 torch.tensor([[-c.n_mu - c.r_mu], [1.0]], device=like.device))
+            const = dict(device=like.device, dtype=torch.float32)
+            self._unit_affine = (key, torch.tensor([[2 * c.n_mu], [c.n_sigma - 1]], **const),
+                                 torch.tensor([[-c.n_mu - c.r_mu], [1.0]], **const))
         _, times, plus = self._unit_affine
-        per_unit = torch.addcmul(plus, torch.rand((2, units), **opts), times)
+        if like.device.type == "cpu":
+            u = torch.rand((2, units), **opts)
+        else:
+            u = torch.cat([torch.rand((1, units), **opts), torch.rand((1, units), **opts)])
+        per_unit = torch.addcmul(plus, u, times)
         # m_ij = (mu_j - r_mu) + 2 r_mu U(0, 1) and s_ij = sigma_j + r_sigma N(0, 1), each one
         # pass written over its draw (these tensors are as large as the activation)
         shift = torch.rand(like.shape, **opts)

