@@ -9,6 +9,8 @@ change in the machine's load hits all of them alike).
     .venv/bin/python bench/bench_startup.py --repo ../old-checkout --plan --repeats 1
     .venv/bin/python bench/bench_startup.py --repo ../old-checkout --plan --plan-alone \
         --plan-only 'dln_*' --plan-scale 1 --repeats 1     # the plan's 8 DLN runs at full length
+    .venv/bin/python bench/bench_startup.py --repo ../old-checkout --plan --plan-alone \
+        --plan-only 'dln_*' --plan-scale 1 --plan-together   # the same, both plans at once
 
 "fit to first step": `python -m bnstudy fit` of configs/dln.yaml and of the mini VGG of
 `reproduce mini` (VGG-16 w0.125 on 32x32x3 digits), from the launch of the process to the start
@@ -20,8 +22,10 @@ which a busy machine inflates less.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import resource
+import signal
 import statistics
 import subprocess
 import sys
@@ -139,6 +143,9 @@ def main() -> None:
                              "1 for the runs at their full length)")
     parser.add_argument("--plan-alone", action="store_true",
                         help="only the plan (no imports, start-up or CLI timings)")
+    parser.add_argument("--plan-together", action="store_true",
+                        help="with --repo: both checkouts' plans at once, one run at a time each "
+                             "(--jobs 1), so that both see the same machine throughout")
     args = parser.parse_args()
     repos = {"this": REPO} | ({"other": args.repo.resolve()} if args.repo else {})
     tmp = Path(tempfile.mkdtemp(prefix="bench_startup_"))
@@ -147,7 +154,11 @@ def main() -> None:
 
     if not args.plan_alone:
         startup(args, repos, tmp)
-    if args.plan:
+    if args.plan and args.plan_together:
+        if not args.repo:
+            parser.error("--plan-together needs --repo")
+        plans_together(args, repos, tmp)
+    elif args.plan:
         plans(args, repos, tmp)
 
 
@@ -212,6 +223,66 @@ def plans(args, repos: dict[str, Path], tmp: Path) -> None:
         print(f"  other/this (speed-up of this checkout): wall "
               f"{median(w for w, _ in old) / median(w for w, _ in new):.2f}, "
               f"CPU {median(c for _, c in old) / median(c for _, c in new):.2f}")
+
+def plans_together(args, repos: dict[str, Path], tmp: Path) -> None:
+    """Both checkouts' plans side by side: started together, one run at a time each (--jobs 1),
+    one core each. The plan that ends first starts again (into another directory, not counted),
+    so that the other one keeps a neighbour of the same kind to its end; then the extra one is
+    stopped. Whatever the machine does in those minutes, it does to both: the ratio of the two
+    plans' summed run times is the speed-up, with no drift between a first and a second plan."""
+    print(f"\nreproduce mini --only {args.plan_only!r} --steps-scale {args.plan_scale}, one seed, "
+          "--no-report --jobs 1, both checkouts at once (s, wall of the invocation):", flush=True)
+    common = ["--jobs", "1"]
+    procs, first, began = {}, {}, time.perf_counter()
+
+    def start(label: str, index: int) -> None:
+        repo, out = repos[label], tmp / f"plan_{label}_{index}"
+        cmd = [sys.executable, "-m", "bnstudy", "reproduce", "mini", "--out", str(out),
+               *plan_args(repo, args.plan_only, args.plan_scale), *common]
+        log = open(tmp / f"plan_{label}_{index}.log", "w")  # a pipe could fill and block it
+        procs[label] = (subprocess.Popen(cmd, cwd=repo, env=env_for(repo), stdout=log,
+                                         stderr=subprocess.STDOUT, start_new_session=True),
+                        index, out, time.perf_counter())
+
+    for label in repos:
+        start(label, 0)
+    while len(first) < len(repos):
+        time.sleep(1)
+        for label, (proc, index, out, t0) in list(procs.items()):
+            if proc.poll() is None:
+                continue
+            if proc.returncode != 0:
+                log = (tmp / f"plan_{label}_{index}.log").read_text()
+                sys.exit(f"bench_startup: reproduce in {repos[label]} failed "
+                         f"({proc.returncode}):\n{log[-3000:]}")
+            if label not in first:
+                first[label] = (time.perf_counter() - t0, out)
+                print(f"  {label:5s} plan: {first[label][0]:7.2f} (ended at "
+                      f"{time.perf_counter() - began:.0f} s)", flush=True)
+            if len(first) < len(repos):
+                start(label, index + 1)  # the neighbour of the plan still running
+    for label, (proc, index, out, t0) in procs.items():
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)  # reproduce stops its workers on SIGTERM
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+    per_run = {label: {r.name.removesuffix("_s0"): json.loads((r / "done.json").read_text())
+                       for r in sorted((out / "runs").iterdir())}
+               for label, (_, out) in first.items()}
+    print("\nper run, wall s (done.json), other / this:")
+    for name in sorted(per_run["this"]):
+        new, old = per_run["this"][name]["wall_s"], per_run["other"].get(name, {}).get("wall_s")
+        print(f"  {name:24s} {old if old else float('nan'):8.1f} {new:8.1f}   "
+              f"{old / new if old else float('nan'):.2f}")
+    sums = {label: sum(r["wall_s"] for r in runs.values()) for label, runs in per_run.items()}
+    print(f"  {'sum of the runs':24s} {sums['other']:8.1f} {sums['this']:8.1f}   "
+          f"{sums['other'] / sums['this']:.2f}")
+    print(f"  {'whole plan (wall)':24s} {first['other'][0]:8.1f} {first['this'][0]:8.1f}   "
+          f"{first['other'][0] / first['this'][0]:.2f}")
+
 
 if __name__ == "__main__":
     main()
