@@ -239,10 +239,20 @@ def plans_together(args, repos: dict[str, Path], tmp: Path) -> None:
         repo, out = repos[label], tmp / f"plan_{label}_{index}"
         cmd = [sys.executable, "-m", "bnstudy", "reproduce", "mini", "--out", str(out),
                *plan_args(repo, args.plan_only, args.plan_scale), *common]
-        log = open(tmp / f"plan_{label}_{index}.log", "w")  # a pipe could fill and block it
-        procs[label] = (subprocess.Popen(cmd, cwd=repo, env=env_for(repo), stdout=log,
-                                         stderr=subprocess.STDOUT, start_new_session=True),
-                        index, out, time.perf_counter())
+        with open(tmp / f"plan_{label}_{index}.log", "w") as log:  # a pipe could fill, block
+            procs[label] = (subprocess.Popen(cmd, cwd=repo, env=env_for(repo), stdout=log,
+                                             stderr=subprocess.STDOUT, start_new_session=True),
+                            index, out, time.perf_counter())
+
+    def stop_all() -> None:
+        for proc, *_ in procs.values():
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)  # reproduce stops its workers on SIGTERM
+                try:
+                    proc.wait(timeout=60)
+                except subprocess.TimeoutExpired:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait()
 
     for label in repos:
         start(label, 0)
@@ -251,8 +261,9 @@ def plans_together(args, repos: dict[str, Path], tmp: Path) -> None:
         for label, (proc, index, out, t0) in list(procs.items()):
             if proc.poll() is None:
                 continue
-            if proc.returncode != 0:
+            if proc.returncode != 0 and label not in first:  # a neighbour's failure: no matter
                 log = (tmp / f"plan_{label}_{index}.log").read_text()
+                stop_all()
                 sys.exit(f"bench_startup: reproduce in {repos[label]} failed "
                          f"({proc.returncode}):\n{log[-3000:]}")
             if label not in first:
@@ -261,14 +272,7 @@ def plans_together(args, repos: dict[str, Path], tmp: Path) -> None:
                       f"{time.perf_counter() - began:.0f} s)", flush=True)
             if len(first) < len(repos):
                 start(label, index + 1)  # the neighbour of the plan still running
-    for label, (proc, index, out, t0) in procs.items():
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)  # reproduce stops its workers on SIGTERM
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+    stop_all()
     per_run = {label: {r.name.removesuffix("_s0"): json.loads((r / "done.json").read_text())
                        for r in sorted((out / "runs").iterdir())}
                for label, (_, out) in first.items()}
