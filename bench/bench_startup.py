@@ -154,7 +154,7 @@ def main() -> None:
 
     if not args.plan_alone:
         startup(args, repos, tmp)
-    if args.plan and args.plan_together:
+    if args.plan_together:  # implies --plan
         if not args.repo:
             parser.error("--plan-together needs --repo")
         plans_together(args, repos, tmp)
@@ -228,8 +228,10 @@ def plans_together(args, repos: dict[str, Path], tmp: Path) -> None:
     """Both checkouts' plans side by side: started together, one run at a time each (--jobs 1),
     one core each. The plan that ends first starts again (into another directory, not counted),
     so that the other one keeps a neighbour of the same kind to its end; then the extra one is
-    stopped. Whatever the machine does in those minutes, it does to both: the ratio of the two
-    plans' summed run times is the speed-up, with no drift between a first and a second plan."""
+    stopped. Whatever the machine does in those minutes, it does to both, with no drift between
+    a first and a second plan. The whole plans' wall times give the speed-up; the sum of the
+    runs' own times is beside it (a run of a checkout with worker processes leaves out its
+    worker's start-up, paid once; an older checkout's run includes its process's)."""
     print(f"\nreproduce mini --only {args.plan_only!r} --steps-scale {args.plan_scale}, one seed, "
           "--no-report --jobs 1, both checkouts at once (s, wall of the invocation):", flush=True)
     common = ["--jobs", "1"]
@@ -254,34 +256,49 @@ def plans_together(args, repos: dict[str, Path], tmp: Path) -> None:
                     os.killpg(proc.pid, signal.SIGKILL)
                     proc.wait()
 
-    for label in repos:
-        start(label, 0)
-    while len(first) < len(repos):
-        time.sleep(1)
-        for label, (proc, index, out, t0) in list(procs.items()):
-            if proc.poll() is None:
-                continue
-            if proc.returncode != 0 and label not in first:  # a neighbour's failure: no matter
-                log = (tmp / f"plan_{label}_{index}.log").read_text()
-                stop_all()
-                sys.exit(f"bench_startup: reproduce in {repos[label]} failed "
-                         f"({proc.returncode}):\n{log[-3000:]}")
-            if label not in first:
-                first[label] = (time.perf_counter() - t0, out)
-                print(f"  {label:5s} plan: {first[label][0]:7.2f} (ended at "
-                      f"{time.perf_counter() - began:.0f} s)", flush=True)
-            if len(first) < len(repos):
-                start(label, index + 1)  # the neighbour of the plan still running
-    stop_all()
+    try:
+        for label in repos:
+            start(label, 0)
+        # until each checkout has one whole plan; a failing neighbour is restarted 3 times at most
+        failures = 0
+        while len(first) < len(repos):
+            time.sleep(1)
+            for label, (proc, index, out, t0) in list(procs.items()):
+                if proc.poll() is None:
+                    continue
+                if proc.returncode != 0 and label in first:  # a neighbour's failure
+                    failures += 1
+                if proc.returncode != 0 and label not in first:
+                    log = (tmp / f"plan_{label}_{index}.log").read_text()
+                    sys.exit(f"bench_startup: reproduce in {repos[label]} failed "
+                             f"({proc.returncode}):\n{log[-3000:]}")
+                if label not in first:
+                    first[label] = (time.perf_counter() - t0, out)
+                    print(f"  {label:5s} plan: {first[label][0]:7.2f} (ended at "
+                          f"{time.perf_counter() - began:.0f} s)", flush=True)
+                if len(first) < len(repos) and failures <= 3:
+                    start(label, index + 1)  # the neighbour of the plan still running
+                elif len(first) < len(repos):
+                    del procs[label]  # failed too often: the other plan ends alone
+    finally:  # an error or Ctrl-C: the plans run in their own sessions and would go on
+        stop_all()
+    report_together(first)
+
+
+def report_together(first: dict) -> None:
     per_run = {label: {r.name.removesuffix("_s0"): json.loads((r / "done.json").read_text())
                        for r in sorted((out / "runs").iterdir())}
                for label, (_, out) in first.items()}
     print("\nper run, wall s (done.json), other / this:")
-    for name in sorted(per_run["this"]):
-        new, old = per_run["this"][name]["wall_s"], per_run["other"].get(name, {}).get("wall_s")
-        print(f"  {name:24s} {old if old else float('nan'):8.1f} {new:8.1f}   "
-              f"{old / new if old else float('nan'):.2f}")
-    sums = {label: sum(r["wall_s"] for r in runs.values()) for label, runs in per_run.items()}
+    nan = float("nan")
+    for name in sorted(set(per_run["this"]) | set(per_run["other"])):
+        new = per_run["this"].get(name, {}).get("wall_s")
+        old = per_run["other"].get(name, {}).get("wall_s")
+        both = new is not None and old is not None
+        print(f"  {name:24s} {nan if old is None else old:8.1f} {nan if new is None else new:8.1f}"
+              f"   {old / new if both else nan:.2f}")
+    common = set(per_run["this"]) & set(per_run["other"])  # the sums over the same runs
+    sums = {label: sum(runs[n]["wall_s"] for n in common) for label, runs in per_run.items()}
     print(f"  {'sum of the runs':24s} {sums['other']:8.1f} {sums['this']:8.1f}   "
           f"{sums['other'] / sums['this']:.2f}")
     print(f"  {'whole plan (wall)':24s} {first['other'][0]:8.1f} {first['this'][0]:8.1f}   "
