@@ -69,11 +69,14 @@ def plan_args(repo: Path, only: str, scale: float) -> list[str]:
     return ["--only", only, "--steps-scale", str(scale), *seeds, "--no-report"]
 
 
+def reproduce_cmd(out: Path, args: list[str]) -> list[str]:
+    return [sys.executable, "-m", "bnstudy", "reproduce", "mini", "--out", str(out), *args]
+
+
 def plan(repo: Path, out: Path, args: list[str]) -> tuple[float, float]:
     """Wall and CPU seconds of a whole `reproduce mini` invocation, its runs included; every run
     must have finished."""
-    wall, cpu, _, err = launch([sys.executable, "-m", "bnstudy", "reproduce", "mini",
-                                "--out", str(out), *args], repo)
+    wall, cpu, _, err = launch(reproduce_cmd(out, args), repo)
     runs = sorted((out / "runs").iterdir()) if (out / "runs").exists() else []
     unfinished = [r.name for r in runs if not (r / "done.json").exists()]
     if not runs or unfinished:
@@ -234,13 +237,11 @@ def plans_together(args, repos: dict[str, Path], tmp: Path) -> None:
     worker's start-up, paid once; an older checkout's run includes its process's)."""
     print(f"\nreproduce mini --only {args.plan_only!r} --steps-scale {args.plan_scale}, one seed, "
           "--no-report --jobs 1, both checkouts at once (s, wall of the invocation):", flush=True)
-    common = ["--jobs", "1"]
     procs, first, began = {}, {}, time.perf_counter()
 
     def start(label: str, index: int) -> None:
         repo, out = repos[label], tmp / f"plan_{label}_{index}"
-        cmd = [sys.executable, "-m", "bnstudy", "reproduce", "mini", "--out", str(out),
-               *plan_args(repo, args.plan_only, args.plan_scale), *common]
+        cmd = reproduce_cmd(out, [*plan_args(repo, args.plan_only, args.plan_scale), "--jobs", "1"])
         with open(tmp / f"plan_{label}_{index}.log", "w") as log:  # a pipe could fill, block
             procs[label] = (subprocess.Popen(cmd, cwd=repo, env=env_for(repo), stdout=log,
                                              stderr=subprocess.STDOUT, start_new_session=True),
