@@ -112,10 +112,17 @@ class StudyCSVLogger(CSVLogger):
         self.experiment.drop_from(step)
 
     @rank_zero_only
-    def after_save_checkpoint(self, checkpoint_callback) -> None:
-        # rows reach the disk with every checkpoint: after a hard crash (SIGKILL, OOM, a lost
-        # node) metrics.csv holds every step up to the checkpoint the run resumes from
+    def write_rows(self) -> None:
+        """Every row logged so far, the newest too, to metrics.csv. StudyModule calls it as a
+        checkpoint is made, before its file is written: after a hard crash (SIGKILL, OOM, a lost
+        node), even one right after the file is written, metrics.csv holds every step up to the
+        checkpoint the run resumes from. (after_save_checkpoint, Lightning's hook, comes after
+        the file: a kill between the two lost the checkpoint step's row.)"""
         self.experiment.save(complete=True)
+
+    @rank_zero_only
+    def after_save_checkpoint(self, checkpoint_callback) -> None:
+        self.experiment.save(complete=True)  # what was logged since write_rows, if anything
 
     @rank_zero_only
     def finalize(self, status: str) -> None:

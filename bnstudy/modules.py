@@ -16,6 +16,7 @@ import torch.nn.functional as F
 import torchmetrics
 from torch import nn
 
+from bnstudy.loggers import StudyCSVLogger
 from bnstudy.models import VGG, DeepLinear, init_weights
 from bnstudy.norms import BatchNoise, NoiseConfig, noise_in_eval, noise_off_in_eval
 
@@ -205,6 +206,10 @@ class StudyModule(L.LightningModule):
         for key in [k for k in hparams if not k.startswith("_") and k not in params]:
             del hparams[key]
         checkpoint["bnstudy_rng"] = {"torch": torch.get_rng_state()}
+        # metrics.csv before the checkpoint file (see StudyCSVLogger.write_rows)
+        for logger in self.trainer.loggers if self._trainer is not None else ():
+            if isinstance(logger, StudyCSVLogger):
+                logger.write_rows()
         if torch.cuda.is_available():
             checkpoint["bnstudy_rng"]["cuda"] = torch.cuda.get_rng_state_all()
 

@@ -11,6 +11,7 @@ import lightning as L
 import pytest
 import torch
 
+from bnstudy.callbacks import AtomicCheckpointIO
 from bnstudy.cli import cli_main
 from conftest import REPO
 from tiny_fits import ENV, TINY, assert_same_metrics
@@ -34,9 +35,24 @@ class KillAtStep(L.Callback):
         self._kill(trainer, "validation")
 
 
+class KillAfterCheckpointFile(AtomicCheckpointIO):
+    """With BNSTUDY_TEST_KILL_IN=checkpoint_file, SIGKILLs its own process right after the file
+    last.ckpt of step BNSTUDY_TEST_KILL_AT is in place, before Lightning calls the loggers'
+    after_save_checkpoint (the narrowest point: a random kill once landed there)."""
+
+    def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
+        super().save_checkpoint(checkpoint, path, storage_options)
+        if os.environ.get("BNSTUDY_TEST_KILL_IN") == "checkpoint_file" \
+                and os.path.basename(path) == "last.ckpt" \
+                and checkpoint["global_step"] == int(os.environ["BNSTUDY_TEST_KILL_AT"]):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
 @pytest.mark.parametrize("every, kill_at, where, resumes_from",
-                         [(5, 5, "training", 5), (4, 8, "training", 8), (4, 8, "validation", 4)],
-                         ids=["between_validations", "after_a_validation", "in_a_validation"])
+                         [(5, 5, "training", 5), (4, 8, "training", 8), (4, 8, "validation", 4),
+                          (5, 5, "checkpoint_file", 5)],
+                         ids=["between_validations", "after_a_validation", "in_a_validation",
+                              "right_after_the_checkpoint_file"])
 def test_a_run_killed_after_last_ckpt_resumes_to_the_rows_of_one_never_stopped(
         quiet, every, kill_at, where, resumes_from):
     """last.ckpt every `every` steps, validation every 4 (only the first writes a best
@@ -47,7 +63,8 @@ def test_a_run_killed_after_last_ckpt_resumes_to_the_rows_of_one_never_stopped(
     args = [*TINY, "--model.norm=batch", "--trainer.enable_progress_bar=false",
             f"--trainer.max_steps={steps}", f"--last_checkpoint.every_n_train_steps={every}",
             "--trainer.val_check_interval=4", "--checkpoint.monitor=epoch",
-            "--checkpoint.mode=min", "--trainer.callbacks+=test_last_checkpoint.KillAtStep"]
+            "--checkpoint.mode=min", "--trainer.callbacks+=test_last_checkpoint.KillAtStep",
+            "--trainer.plugins=test_last_checkpoint.KillAfterCheckpointFile"]
     whole = quiet / "whole"
     cli_main(["fit", *args, f"--run_dir={whole}"])
     killed = quiet / "killed"
