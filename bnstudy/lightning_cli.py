@@ -364,7 +364,7 @@ _ACTIVE: dict = {}
 
 _NOISE = (r".*flops_per_batch.*", r".*isinstance\(treespec, LeafSpec\).*",
           r".*does not have many workers.*", r".*srun. command is available.*",
-          r".*overridden `on_after_batch_transfer`.*")
+          r".*overridden `(on_after_batch_transfer|transfer_batch_to_device)`.*")
 
 
 class _NoTips(logging.Filter):
