@@ -69,6 +69,27 @@ def test_fast_preset_resumes_exactly_and_instruments_change_nothing(in_tmp, monk
         assert torch.isfinite(torch.tensor(last(rows, key)))
 
 
+@pytest.mark.slow
+@needs_cxx
+def test_an_epoch_s_short_last_batch_runs_eagerly_without_a_recompile(in_tmp, monkeypatch):
+    """The digits' 1,437 training images in batches of 1,000: steps 0 and 2 are full batches,
+    step 1 the short rest (437). The compiled forward serves the full ones; the short one runs
+    the same module eagerly, so dynamo compiles the net once (a new shape would recompile it:
+    20 s on an H200, and new CUDA graphs)."""
+    from torch._dynamo.utils import counters
+
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    torch._dynamo.reset()
+    counters.clear()
+    cli = cli_main(["fit", *QUICK, *NO_INSTRUMENTS, "--data.batch_size=1000",
+                    "--model.compile=true", "--trainer.max_steps=3", "--run_dir=run"])
+    model = cli.model
+    assert cli.trainer.global_step == 3 and model._compiled_rows == 1000
+    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
+    losses = [float(r["train/loss"]) for r in read_metrics(in_tmp / "run") if r.get("train/loss")]
+    assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses)))
+
+
 # Probe values of the fast path (compiled training forward, channels_last, data on the device)
 # against the eager path: same model, weights, batch and precision (fp32), at step 0. Only the
 # training forward and backward differ (inductor's kernels vs eager ones), hence the gradient the
