@@ -81,13 +81,19 @@ class StudyModule(L.LightningModule):
         """The module that runs the training forward of a batch of `rows` samples."""
         if not self.hparams.get("compile"):
             return self.net
-        # The compiled forward serves the largest batch seen; a smaller one (an epoch's short
+        # The compiled forward serves the loader's full batches; a smaller one (an epoch's short
         # last batch: 50,000 % 128 = 80 on CIFAR-10) runs eagerly on the same module. Compiled,
         # a new shape recompiles and captures new CUDA graphs: 20 s on an H200 (bench/bench_gpu.py
-        # over an epoch's end, 2026-12-04), where the eager step costs 10 ms.
+        # over an epoch's end, 2026-12-04), where the eager step costs 10 ms. The full size is
+        # the loader's, not the first batch's, so that a run resumed at a short batch runs it
+        # eagerly too, as the run that never stopped did (the same bits).
+        if not self._compiled_rows:
+            loader = self._trainer.train_dataloader if self._trainer is not None else None
+            size = getattr(loader, "batch_size", None)
+            self._compiled_rows = size if isinstance(size, int) else rows
         if rows < self._compiled_rows:
             return self.net
-        self._compiled_rows = rows
+        self._compiled_rows = rows  # a loader of unknown batch size: the largest batch seen
         if self._compiled is None:
             mode = self.hparams.get("compile_mode", "auto")
             if mode == "auto":  # CUDA graphs on a GPU: no per-kernel launch cost at all
