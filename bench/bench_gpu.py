@@ -1,6 +1,6 @@
 """The fit loop against plain PyTorch loops on one GPU, every row side by side in one run.
 
-    .venv/bin/python bench/bench_gpu.py                       # one GPU, about 4-5 minutes
+    .venv/bin/python bench/bench_gpu.py                       # one GPU, about 2 minutes on an H200
     .venv/bin/python bench/bench_gpu.py --device cpu --tiny   # the same code paths on a CPU
 
 The paper's VGG-16 + BN, batch 128, SGD lr 0.1, on a CIFAR-shaped stand-in: random images written

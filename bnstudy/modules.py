@@ -56,7 +56,7 @@ class StudyModule(L.LightningModule):
         self.lr = lr
         self.net: nn.Module
         self._compiled = None  # torch.compile(self.net), built at the first training step
-        self._compiled_rows = 0  # the batch size the compiled forward serves (the largest seen)
+        self._compiled_rows = 0  # the batch size the compiled forward serves (the loader's)
         self._step_outputs = None  # (loss, outputs, targets) of the step in progress
         self._noise_layers: list[BatchNoise] | None = None
 
@@ -93,7 +93,8 @@ class StudyModule(L.LightningModule):
             self._compiled_rows = size if isinstance(size, int) else rows
         if rows < self._compiled_rows:
             return self.net
-        self._compiled_rows = rows  # a loader of unknown batch size: the largest batch seen
+        if rows > self._compiled_rows:  # a loader of unknown batch size: the largest batch seen
+            self._compiled_rows = rows
         if self._compiled is None:
             mode = self.hparams.get("compile_mode", "auto")
             if mode == "auto":  # CUDA graphs on a GPU: no per-kernel launch cost at all
