@@ -1,12 +1,16 @@
 """metrics.csv as StudyCSVLogger writes it: appended as a run goes, yet at every save exactly the
 file that rewriting every row would give (the writer's first version did that, at a cost that grew
-with the run), through resumes that drop rows and values that arrive late."""
+with the run), through resumes that drop rows and values that arrive late. And when both loggers
+hand their rows on: metrics.csv at most every SAVE_EVERY_S seconds and whole at a checkpoint, W&B
+a few seconds' worth of rows at a time, in order, one row a step."""
 from __future__ import annotations
 
 import csv
 import random
+import time
 
-from bnstudy.loggers import StudyCSVLogger
+import wandb_records
+from bnstudy.loggers import StudyCSVLogger, StudyWandbLogger
 
 
 def reference(rows: dict[int, dict], steps) -> str:
@@ -21,6 +25,7 @@ def reference(rows: dict[int, dict], steps) -> str:
 def test_appended_file_equals_the_rewritten_one(tmp_path):
     rng = random.Random(0)
     logger = StudyCSVLogger(tmp_path, name="", version="")
+    logger.SAVE_EVERY_S = 0  # every save writes: this test is the writer's
     path = tmp_path / "metrics.csv"
     truth: dict[int, dict] = {}
     appends = rewrites = 0
@@ -81,3 +86,67 @@ def test_a_resumed_run_continues_the_file(tmp_path):
         got = [(r["step"], r["a"], r["b"]) for r in csv.DictReader(f)]
     assert got == [("0", "0.0", ""), ("1", "1.0", ""), ("2", "2.0", ""), ("3", "30.0", "1.0"),
                    ("4", "40.0", "")]
+
+
+def _steps_in(path) -> list[int]:
+    with open(path, newline="") as f:
+        return [int(r["step"]) for r in csv.DictReader(f)]
+
+
+def test_metrics_csv_is_written_at_most_every_few_seconds_and_whole_at_a_checkpoint(tmp_path):
+    logger = StudyCSVLogger(tmp_path, name="", version="")
+    logger.SAVE_EVERY_S = 0.5
+    path = tmp_path / "metrics.csv"
+    for step in (0, 1):
+        logger.log_metrics({"loss": float(step)}, step=step)
+        logger.save()  # as Lightning calls it, after every log call
+    assert _steps_in(path) == [0]  # the first save writes; the newest row may still change
+    for step in (2, 3):
+        logger.log_metrics({"loss": float(step)}, step=step)
+        logger.save()
+    assert _steps_in(path) == [0]  # within SAVE_EVERY_S of the last write: nothing new
+    logger.write_rows()  # a checkpoint is about to be written: every row, the newest too
+    assert _steps_in(path) == [0, 1, 2, 3]
+    logger.log_metrics({"loss": 4.0}, step=4)
+    logger.log_metrics({"loss": 5.0}, step=5)
+    time.sleep(0.6)
+    logger.save()
+    assert _steps_in(path) == [0, 1, 2, 3, 4]
+    logger.finalize("success")
+    assert _steps_in(path) == [0, 1, 2, 3, 4, 5]
+
+
+def test_wandb_gets_a_few_seconds_of_rows_at_a_time_in_order(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    logger = StudyWandbLogger(project="bnstudy-test", save_dir=str(tmp_path))
+    logger.SEND_EVERY_S = 0.5
+    run = logger.experiment
+    sent = []
+    log = run.log
+
+    def spy(data, *args, **kwargs):  # W&B's own log, called through, its rows recorded
+        sent.append(dict(data))
+        return log(data, *args, **kwargs)
+
+    monkeypatch.setattr(run, "log", spy)
+    logger.log_metrics({"loss": 0.0}, step=0)
+    logger.log_metrics({"lr": 0.1}, step=0)  # the same step: merged into its row
+    logger.log_metrics({"loss": 1.0}, step=1)
+    logger.log_metrics({"loss": 2.0}, step=2)
+    assert sent == []  # complete rows wait until the oldest has waited SEND_EVERY_S
+    time.sleep(0.6)
+    logger.log_metrics({"loss": 3.0}, step=3)  # completes step 2's row: all go, in order
+    assert sent == [{"loss": 0.0, "lr": 0.1, "trainer/global_step": 0},
+                    {"loss": 1.0, "trainer/global_step": 1},
+                    {"loss": 2.0, "trainer/global_step": 2}]
+    logger.log_metrics({"loss": 4.0}, step=4)
+    assert len(sent) == 3
+    logger.after_save_checkpoint(None)  # before a checkpoint: everything so far
+    assert [row["trainer/global_step"] for row in sent] == [0, 1, 2, 3, 4]
+    logger.log_metrics({"loss": 5.0}, step=5)
+    logger.finalize("success")
+    assert [row["trainer/global_step"] for row in sent] == [0, 1, 2, 3, 4, 5]
+    run.finish()
+    history = [row for row in wandb_records.history(tmp_path) if "loss" in row]
+    assert [(row["trainer/global_step"], row["loss"]) for row in history] == [
+        (s, float(s)) for s in range(6)]

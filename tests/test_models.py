@@ -98,6 +98,29 @@ def test_feature_major_batchnorm_is_batchnorm1d_in_the_dlns_layout():
         assert all(torch.equal(a, b) for a, b in zip(torch_bn.buffers(), ours.buffers()))
 
 
+def test_feature_major_batchnorm_training_forward_is_batchnorm1d_on_the_transposed_view():
+    """Its training forward calls torch.batch_norm itself (without _BatchNorm.forward's Python):
+    bit for bit what BatchNorm1d gives on the (1, units, batch) view it stands for, in outputs,
+    gradients, running statistics and the count of batches, over several steps."""
+    torch.manual_seed(0)
+    torch_bn, ours = nn.BatchNorm1d(10), FeatureMajorBatchNorm1d(10)
+    with torch.no_grad():
+        torch_bn.weight.uniform_(0.5, 2), torch_bn.bias.uniform_(-1, 1)
+    ours.load_state_dict(torch_bn.state_dict())
+    for _ in range(3):
+        x = (torch.randn(10, 1000) * 3 + 1).t()
+        g = torch.randn(10, 1000).t()
+        results = []
+        for bn, view in ((torch_bn, True), (ours, False)):
+            xi = x.detach().clone(memory_format=torch.preserve_format).requires_grad_()
+            out = bn(xi.t().unsqueeze(0)).squeeze(0).t() if view else bn(xi)
+            out.backward(g)
+            results.append((out, xi.grad, bn.weight.grad, bn.bias.grad))
+        assert all(torch.equal(a, b) for a, b in zip(*results))
+        assert all(torch.equal(a, b) for a, b in zip(torch_bn.buffers(), ours.buffers()))
+    assert int(ours.num_batches_tracked) == 3
+
+
 @pytest.mark.parametrize("norm", ["batch", "noisy_batch", "l1", "l2", "linf"])
 def test_every_activation_of_a_normalized_dln_stays_feature_major(norm):
     """The products stay in their fast orientation only if every norm keeps the layout."""
