@@ -317,7 +317,8 @@ class StudyCLI(LightningCLI):
                       StartupTime(_ACTIVE.get("began", (time.perf_counter(), time.process_time())))]
         if cfg.trainer.get("enable_progress_bar") is not False:
             extra.append(StepProgressBar())
-        callbacks = list(cfg.trainer.get("callbacks") or []) + extra
+        given = cfg.trainer.get("callbacks") or []  # a list, or one (--trainer.callbacks=X)
+        callbacks = (list(given) if isinstance(given, (list, tuple)) else [given]) + extra
         if not cfg.trainer.get("plugins"):  # checkpoints written to a temp file, then renamed
             kwargs["plugins"] = [AtomicCheckpointIO()]
         if not cfg.trainer.get("profiler"):  # --trainer.profiler=simple etc. still work

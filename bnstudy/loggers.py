@@ -8,7 +8,7 @@ four sparse rows per step) and appends rows a resumed run logs again.
 StudyWandbLogger: Lightning's WandbLogger with one W&B call per logged step instead of one per
 log call, the calls made a few seconds' worth at a time (see its doc).
 
-Both hand their rows on in batches, at most every few seconds, because a logging step between
+Both hand their rows on in batches, a few seconds' worth at a time, because a logging step between
 training steps is slow out of all proportion on a CPU: one W&B `run.log` took 0.59 ms and 0.31 ms
 of the process's CPU with ten tiny DLN steps before it, and 0.07 ms and 0.04 ms right after
 another one (its code and data stay in the CPU's caches), and appending one row to metrics.csv
@@ -162,14 +162,16 @@ class StudyWandbLogger(WandbLogger):
     probe due) each log their own dict, and each `run.log` costs about 0.1-0.6 ms, even offline:
     three of them a logging step were 5% of a DLN step at log_every_n_steps=10. Here the values
     of one step wait and merge (a later value of a key replaces the earlier one, as in
-    metrics.csv) into one row, complete when another step logs. Complete rows wait, in order,
-    until the oldest has waited SEND_EVERY_S seconds, and then go to W&B one after the other
-    (one call right after another costs a fifth of one made between training steps: the module
-    doc); they also go before a checkpoint is saved and when the fit ends or fails (finalize).
-    What W&B shows per trainer/global_step is the same; only the number of W&B history rows
-    falls, and W&B's own uploads come every 15 s or so anyway. A process killed without any
-    chance to finalize (SIGKILL) loses at most the rows of its last SEND_EVERY_S seconds in W&B;
-    metrics.csv is written with every checkpoint, as before."""
+    metrics.csv) into one row, complete when another step logs. A complete row goes to W&B at
+    once when the last rows went SEND_EVERY_S seconds ago or more; otherwise it waits, and the
+    rows waiting go, in order, one right after the other, with the first row completed after
+    that (one call right after another costs a fifth of one made between training steps: the
+    module doc). Everything logged so far also goes before a checkpoint file is written
+    (StudyModule.on_save_checkpoint) and when the fit ends or fails (finalize). What W&B shows
+    per trainer/global_step is the same; only the number of W&B history rows falls, and W&B's
+    own uploads come every 15 s or so anyway. A process killed without any chance to finalize
+    (SIGKILL) loses in W&B at most the rows of the SEND_EVERY_S seconds since the last send
+    and the row still open; metrics.csv is written with every checkpoint, as before."""
 
     SEND_EVERY_S = 5.0
 
@@ -178,7 +180,7 @@ class StudyWandbLogger(WandbLogger):
         self._pending: dict = {}
         self._pending_step: int | None = None
         self._rows: list[tuple[int, dict]] = []  # complete rows not yet sent, oldest first
-        self._oldest: float | None = None       # when the oldest of them was complete
+        self._sent_at = float("-inf")           # when the last rows went
 
     @rank_zero_only
     def log_metrics(self, metrics, step: int | None = None) -> None:
@@ -188,15 +190,13 @@ class StudyWandbLogger(WandbLogger):
             return
         if self._pending and step != self._pending_step:
             self._complete()
-            if time.monotonic() - self._oldest >= self.SEND_EVERY_S:
+            if time.monotonic() - self._sent_at >= self.SEND_EVERY_S:
                 self._send()
         self._pending_step = step
         self._pending.update(metrics)
 
     def _complete(self) -> None:
         if self._pending:
-            if not self._rows:
-                self._oldest = time.monotonic()
             self._rows.append((self._pending_step, self._pending))
             self._pending = {}
 
@@ -204,6 +204,8 @@ class StudyWandbLogger(WandbLogger):
         rows, self._rows = self._rows, []
         for step, metrics in rows:
             super().log_metrics(metrics, step)
+        if rows:
+            self._sent_at = time.monotonic()
 
     @rank_zero_only
     def flush(self) -> None:

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 import torchmetrics
 from torch import nn
 
-from bnstudy.loggers import StudyCSVLogger
+from bnstudy.loggers import StudyCSVLogger, StudyWandbLogger
 from bnstudy.models import VGG, DeepLinear, init_weights
 from bnstudy.norms import BatchNoise, NoiseConfig, noise_in_eval, noise_off_in_eval
 
@@ -236,10 +236,13 @@ class StudyModule(L.LightningModule):
         for key in [k for k in hparams if not k.startswith("_") and k not in params]:
             del hparams[key]
         checkpoint["bnstudy_rng"] = {"torch": torch.get_rng_state()}
-        # metrics.csv before the checkpoint file (see StudyCSVLogger.write_rows)
+        # metrics.csv and W&B's waiting rows before the checkpoint file (see
+        # StudyCSVLogger.write_rows): a run killed right after the file resumes past those rows
         for logger in self.trainer.loggers if self._trainer is not None else ():
             if isinstance(logger, StudyCSVLogger):
                 logger.write_rows()
+            elif isinstance(logger, StudyWandbLogger):
+                logger.flush()
         if torch.cuda.is_available():
             checkpoint["bnstudy_rng"]["cuda"] = torch.cuda.get_rng_state_all()
 

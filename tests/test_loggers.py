@@ -8,9 +8,15 @@ from __future__ import annotations
 import csv
 import random
 import time
+from pathlib import Path
+
+import lightning as L
 
 import wandb_records
+from bnstudy.callbacks import AtomicCheckpointIO
+from bnstudy.cli import cli_main
 from bnstudy.loggers import StudyCSVLogger, StudyWandbLogger
+from tiny_fits import tiny_args
 
 
 def reference(rows: dict[int, dict], steps) -> str:
@@ -95,7 +101,7 @@ def _steps_in(path) -> list[int]:
 
 def test_metrics_csv_is_written_at_most_every_few_seconds_and_whole_at_a_checkpoint(tmp_path):
     logger = StudyCSVLogger(tmp_path, name="", version="")
-    logger.SAVE_EVERY_S = 0.5
+    logger.SAVE_EVERY_S = 1.0
     path = tmp_path / "metrics.csv"
     for step in (0, 1):
         logger.log_metrics({"loss": float(step)}, step=step)
@@ -109,7 +115,7 @@ def test_metrics_csv_is_written_at_most_every_few_seconds_and_whole_at_a_checkpo
     assert _steps_in(path) == [0, 1, 2, 3]
     logger.log_metrics({"loss": 4.0}, step=4)
     logger.log_metrics({"loss": 5.0}, step=5)
-    time.sleep(0.6)
+    time.sleep(1.1)
     logger.save()
     assert _steps_in(path) == [0, 1, 2, 3, 4]
     logger.finalize("success")
@@ -117,9 +123,13 @@ def test_metrics_csv_is_written_at_most_every_few_seconds_and_whole_at_a_checkpo
 
 
 def test_wandb_gets_a_few_seconds_of_rows_at_a_time_in_order(tmp_path, monkeypatch):
+    import wandb
+
     monkeypatch.setenv("WANDB_MODE", "offline")
+    if wandb.run is not None:  # another test's, in this process: WandbLogger would join it
+        wandb.finish()
     logger = StudyWandbLogger(project="bnstudy-test", save_dir=str(tmp_path))
-    logger.SEND_EVERY_S = 0.5
+    logger.SEND_EVERY_S = 2.0  # far longer than the calls below take, even on a loaded machine
     run = logger.experiment
     sent = []
     log = run.log
@@ -128,25 +138,77 @@ def test_wandb_gets_a_few_seconds_of_rows_at_a_time_in_order(tmp_path, monkeypat
         sent.append(dict(data))
         return log(data, *args, **kwargs)
 
+    def steps():
+        return [row["trainer/global_step"] for row in sent]
+
     monkeypatch.setattr(run, "log", spy)
     logger.log_metrics({"loss": 0.0}, step=0)
     logger.log_metrics({"lr": 0.1}, step=0)  # the same step: merged into its row
-    logger.log_metrics({"loss": 1.0}, step=1)
+    logger.log_metrics({"loss": 1.0}, step=1)  # step 0's row complete, nothing sent yet: it goes
+    assert sent == [{"loss": 0.0, "lr": 0.1, "trainer/global_step": 0}]
     logger.log_metrics({"loss": 2.0}, step=2)
-    assert sent == []  # complete rows wait until the oldest has waited SEND_EVERY_S
-    time.sleep(0.6)
-    logger.log_metrics({"loss": 3.0}, step=3)  # completes step 2's row: all go, in order
-    assert sent == [{"loss": 0.0, "lr": 0.1, "trainer/global_step": 0},
-                    {"loss": 1.0, "trainer/global_step": 1},
-                    {"loss": 2.0, "trainer/global_step": 2}]
-    logger.log_metrics({"loss": 4.0}, step=4)
-    assert len(sent) == 3
-    logger.after_save_checkpoint(None)  # before a checkpoint: everything so far
-    assert [row["trainer/global_step"] for row in sent] == [0, 1, 2, 3, 4]
+    logger.log_metrics({"loss": 3.0}, step=3)
+    assert steps() == [0]  # complete rows wait until SEND_EVERY_S after the last send
+    time.sleep(2.1)
+    logger.log_metrics({"loss": 4.0}, step=4)  # then every row waiting goes, in order
+    assert steps() == [0, 1, 2, 3] and sent[1] == {"loss": 1.0, "trainer/global_step": 1}
     logger.log_metrics({"loss": 5.0}, step=5)
+    assert steps() == [0, 1, 2, 3]
+    logger.after_save_checkpoint(None)  # everything so far, the open row too
+    assert steps() == [0, 1, 2, 3, 4, 5]
+    logger.log_metrics({"loss": 6.0}, step=6)
+    time.sleep(2.1)  # logging steps further apart than SEND_EVERY_S: each row goes when complete
+    logger.log_metrics({"loss": 7.0}, step=7)
+    assert steps() == [0, 1, 2, 3, 4, 5, 6]
     logger.finalize("success")
-    assert [row["trainer/global_step"] for row in sent] == [0, 1, 2, 3, 4, 5]
+    assert steps() == list(range(8))
     run.finish()
     history = [row for row in wandb_records.history(tmp_path) if "loss" in row]
     assert [(row["trainer/global_step"], row["loss"]) for row in history] == [
-        (s, float(s)) for s in range(6)]
+        (s, float(s)) for s in range(8)]
+
+
+class HoldWandbRows(L.Callback):
+    """Makes StudyWandbLogger hold its rows for the whole fit and records every row it sends."""
+
+    sent: list[int] = []
+
+    def setup(self, trainer, pl_module, stage) -> None:
+        for logger in trainer.loggers:
+            if isinstance(logger, StudyWandbLogger):
+                logger.SEND_EVERY_S = 1e9
+                run, log = logger.experiment, logger.experiment.log
+
+                def spy(data, *args, _log=log, **kwargs):
+                    HoldWandbRows.sent.append(data["trainer/global_step"])
+                    return _log(data, *args, **kwargs)
+
+                run.log = spy
+
+
+class SentAtCheckpointFile(AtomicCheckpointIO):
+    """Records, as each checkpoint file is in place (before Lightning calls the loggers'
+    after_save_checkpoint), the steps of metrics.csv and those sent to W&B."""
+
+    seen: list[tuple[int, list[int], list[int]]] = []
+
+    def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
+        super().save_checkpoint(checkpoint, path, storage_options)
+        steps = _steps_in(Path(path).parent.parent / "metrics.csv")
+        self.seen.append((checkpoint["global_step"], steps, sorted(set(HoldWandbRows.sent))))
+
+
+def test_every_row_is_in_metrics_csv_and_sent_to_wandb_before_a_checkpoint_file(in_tmp):
+    """A run killed right after a checkpoint file resumes past the rows logged before it, so
+    both loggers must have them by then, whatever their batching."""
+    HoldWandbRows.sent.clear(), SentAtCheckpointFile.seen.clear()
+    run_dir = in_tmp / "run"
+    cli_main(["fit", *tiny_args("dln.yaml"), "--trainer.max_steps=6",
+              "--last_checkpoint.every_n_train_steps=2",
+              "--trainer.callbacks=test_loggers.HoldWandbRows",
+              "--trainer.plugins=test_loggers.SentAtCheckpointFile", f"--run_dir={run_dir}"])
+    saved = [step for step, _, _ in SentAtCheckpointFile.seen]
+    assert {2, 4, 6} <= set(saved), saved
+    for step, csv_steps, wandb_steps in SentAtCheckpointFile.seen:
+        assert csv_steps and csv_steps == wandb_steps, (step, csv_steps, wandb_steps)
+        assert max(csv_steps) >= step - 1, (step, csv_steps)  # the step just trained is there
