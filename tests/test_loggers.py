@@ -125,10 +125,11 @@ def test_metrics_csv_is_written_at_most_every_few_seconds_and_whole_at_a_checkpo
 def test_wandb_gets_a_few_seconds_of_rows_at_a_time_in_order(tmp_path, monkeypatch):
     import wandb
 
-    monkeypatch.setenv("WANDB_MODE", "offline")
     if wandb.run is not None:  # another test's, in this process: WandbLogger would join it
         wandb.finish()
-    logger = StudyWandbLogger(project="bnstudy-test", save_dir=str(tmp_path))
+    # mode given, not WANDB_MODE: W&B keeps the mode of the first run in a process (an earlier
+    # test's, maybe disabled) and reads the variable again only for a run that names none
+    logger = StudyWandbLogger(project="bnstudy-test", save_dir=str(tmp_path), mode="offline")
     logger.SEND_EVERY_S = 2.0  # far longer than the calls below take, even on a loaded machine
     run = logger.experiment
     sent = []
