@@ -23,6 +23,8 @@ from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.utilities import rank_zero_only
 
+ROWS_EVERY_S = 5.0  # both loggers hand their rows on at most this often between checkpoints
+
 
 def _number(text: str):
     """A value read back from metrics.csv, of the type it was logged with: an int stays an int
@@ -116,7 +118,7 @@ class StudyCSVLogger(CSVLogger):
     (SIGKILL, OOM) loses at most the rows of its last SAVE_EVERY_S seconds, which a run resumed
     from its last checkpoint logs again anyway."""
 
-    SAVE_EVERY_S = 5.0
+    SAVE_EVERY_S = ROWS_EVERY_S
     _saved_at = float("-inf")
 
     @property
@@ -173,7 +175,7 @@ class StudyWandbLogger(WandbLogger):
     (SIGKILL) loses in W&B at most the rows of the SEND_EVERY_S seconds since the last send
     and the row still open; metrics.csv is written with every checkpoint, as before."""
 
-    SEND_EVERY_S = 5.0
+    SEND_EVERY_S = ROWS_EVERY_S
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -185,7 +187,7 @@ class StudyWandbLogger(WandbLogger):
     @rank_zero_only
     def log_metrics(self, metrics, step: int | None = None) -> None:
         if step is None or self._wandb_init.get("sync_tensorboard"):
-            self.flush()  # no step to merge by: in order, at once
+            self.write_rows()  # no step to merge by: in order, at once
             super().log_metrics(metrics, step)
             return
         if self._pending and step != self._pending_step:
@@ -208,17 +210,18 @@ class StudyWandbLogger(WandbLogger):
             self._sent_at = time.monotonic()
 
     @rank_zero_only
-    def flush(self) -> None:
-        """Send every value logged so far to W&B now."""
+    def write_rows(self) -> None:
+        """Send every value logged so far to W&B now (as StudyCSVLogger.write_rows writes
+        metrics.csv: StudyModule calls both before a checkpoint file is written)."""
         self._complete()
         self._send()
 
     @rank_zero_only
     def after_save_checkpoint(self, checkpoint_callback) -> None:
-        self.flush()
+        self.write_rows()  # what was logged since StudyModule's write_rows, if anything
         super().after_save_checkpoint(checkpoint_callback)
 
     @rank_zero_only
     def finalize(self, status: str) -> None:
-        self.flush()
+        self.write_rows()
         super().finalize(status)

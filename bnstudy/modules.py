@@ -239,10 +239,8 @@ class StudyModule(L.LightningModule):
         # metrics.csv and W&B's waiting rows before the checkpoint file (see
         # StudyCSVLogger.write_rows): a run killed right after the file resumes past those rows
         for logger in self.trainer.loggers if self._trainer is not None else ():
-            if isinstance(logger, StudyCSVLogger):
+            if isinstance(logger, (StudyCSVLogger, StudyWandbLogger)):
                 logger.write_rows()
-            elif isinstance(logger, StudyWandbLogger):
-                logger.flush()
         if torch.cuda.is_available():
             checkpoint["bnstudy_rng"]["cuda"] = torch.cuda.get_rng_state_all()
 
