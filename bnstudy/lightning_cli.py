@@ -18,7 +18,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import secrets
+import string
 import sys
 import time
 import warnings
@@ -26,6 +28,7 @@ from pathlib import Path
 
 import torch
 import yaml
+from jsonargparse import set_dumper
 from lightning.pytorch.callbacks import Callback, LearningRateMonitor
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.profilers import PassThroughProfiler
@@ -105,6 +108,26 @@ def _data_attribute(key: str):
     return attribute
 
 
+class _ConfigDumper(yaml.SafeDumper):
+    """Writes config.yaml so that jsonargparse reads back what was written. jsonargparse reads
+    '1e5' as a float (YAML 1.2) where PyYAML's YAML 1.1 writes it unquoted, as a string: the W&B
+    id 323174e6 came back from a stored config.yaml as 323174000000.0 and the config no longer
+    parsed. Resolving plain scalars as jsonargparse's reader does quotes such strings."""
+
+
+_ConfigDumper.add_implicit_resolver("tag:yaml.org,2002:float",
+                                    re.compile(r"^[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+$"),
+                                    list("-+0123456789"))
+
+
+def _dump_config(data) -> str:
+    return yaml.dump(data, Dumper=_ConfigDumper, default_flow_style=False, allow_unicode=True,
+                     sort_keys=False)  # jsonargparse's own yaml settings
+
+
+set_dumper("yaml", _dump_config)
+
+
 def _is_rank_zero() -> bool:
     return all(os.environ.get(k, "0") == "0" for k in ("RANK", "SLURM_PROCID", "LOCAL_RANK"))
 
@@ -135,11 +158,12 @@ def default_run_dir(config_paths: list) -> Path:
 
 
 def wandb_run_id(run_dir: Path) -> str:
-    """The W&B run id of this run directory, created once, so a resumed run continues it."""
+    """The W&B run id of this run directory, created once, so a resumed run continues it. It
+    starts with a letter, so no YAML reader takes it for a number (8 hex digits were, 1 in 70)."""
     path = run_dir / "wandb_id"
     if path.exists():
         return path.read_text().strip()
-    run_id = secrets.token_hex(4)
+    run_id = secrets.choice(string.ascii_lowercase) + secrets.token_hex(4)[1:]
     if _is_rank_zero():
         run_dir.mkdir(parents=True, exist_ok=True)
         path.write_text(run_id + "\n")

@@ -123,6 +123,24 @@ def test_run_directories_never_collide(in_tmp, monkeypatch):
     assert all((d / "config.yaml").exists() and (d / "metrics.csv").exists() for d in dirs)
 
 
+def test_a_stored_config_parses_back_with_number_like_strings(in_tmp, monkeypatch):
+    # PyYAML writes the string 323174e6 unquoted and jsonargparse read it back as a float, so a
+    # run whose W&B id looked like a number had a config.yaml that no longer parsed (CI saw it)
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    monkeypatch.setenv("WANDB_RUN_ID", "323174e6")
+    cli_main(["fit", *tiny_args("dln.yaml"), "--run_dir=r", "--trainer.max_steps=1"])
+    stored = Path("r/config.yaml")
+    assert "id: '323174e6'" in stored.read_text()
+    cfg = parse_only(["fit", "--config", str(stored)]).config
+    wandb_logger = next(lg for lg in cfg.fit.trainer.logger if lg.class_path.endswith("Wandb"
+                                                                                      "Logger"))
+    assert wandb_logger.init_args.id == "323174e6"
+    # the id bnstudy draws itself never looks like a number
+    from bnstudy.cli import wandb_run_id
+    ids = [wandb_run_id(in_tmp / f"d{i}") for i in range(300)]
+    assert len(set(ids)) == 300 and all(i[0].isalpha() and len(i) == 8 for i in ids)
+
+
 @pytest.mark.slow
 def test_wandb_offline_run_has_config_and_metrics(in_tmp):
     run_dir = in_tmp / "run"
