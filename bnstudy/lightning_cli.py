@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 import yaml
-from jsonargparse import set_dumper
+from jsonargparse import get_loader, set_dumper
 from lightning.pytorch.callbacks import Callback, LearningRateMonitor
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.profilers import PassThroughProfiler
@@ -126,6 +126,17 @@ def _dump_config(data) -> str:
 
 
 set_dumper("yaml", _dump_config)
+
+
+def readable_config(path: Path) -> str:
+    """What to give --config for a stored config.yaml: its path, or, for one written before its
+    strings were quoted (a W&B id such as 323174e6 stored bare, which jsonargparse reads as a
+    number), the same config written again so that jsonargparse reads what PyYAML wrote."""
+    text = Path(path).read_text()
+    meant = yaml.safe_load(text)
+    if get_loader("yaml")(text) == meant:
+        return str(path)
+    return _dump_config(meant)
 
 
 def _is_rank_zero() -> bool:

@@ -101,10 +101,10 @@ class LoadedRun:
 
 
 def load_run(run: Run, device: str) -> LoadedRun:
-    from bnstudy.lightning_cli import parse_only
+    from bnstudy.lightning_cli import parse_only, readable_config
 
-    config = run.path / "config.yaml"
-    args = ["fit", "--config", str(config), "--trainer.logger=false", "--trainer.callbacks=[]"]
+    config = readable_config(run.path / "config.yaml")
+    args = ["fit", "--config", config, "--trainer.logger=false", "--trainer.callbacks=[]"]
     if "cli" not in _PARSER:
         _PARSER["cli"] = parse_only(args)
         cfg = _PARSER["cli"].config

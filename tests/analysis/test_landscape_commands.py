@@ -5,6 +5,7 @@ their merge, one-line errors, and the report's q_spectrum and q_surface from the
 from __future__ import annotations
 
 import os
+import re
 
 import numpy as np
 import pytest
@@ -133,6 +134,24 @@ def test_spectrum_command_on_a_block_with_an_early_stop(trajectory_runs, tmp_pat
         assert twin["n"] == 100 and int(data["n"]) == 100  # layer 2: a 10 x 10 weight
         assert data["hvps"][k] == twin["hvps"] < 60  # stopped early, as the function does
         assert data["lambda_max"][k] == pytest.approx(twin["lambda_max"], rel=1e-6)
+
+
+def test_a_run_whose_config_holds_a_number_like_id_bare_still_loads(trajectory_runs, tmp_path,
+                                                                   monkeypatch):
+    # config.yaml written before its strings were quoted: PyYAML wrote the W&B id 323174e6 bare,
+    # and jsonargparse reads that as a float, so the config no longer parsed
+    import shutil
+
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    run = tmp_path / "old_run"
+    shutil.copytree(trajectory_runs / "none", run, ignore=shutil.ignore_patterns("landscape"))
+    config = run / "config.yaml"
+    text, n = re.subn(r"(\n\s+id: ).*\n", r"\g<1>323174e6\n", config.read_text(), count=1)
+    assert n == 1
+    config.write_text(text)
+    assert main(["spectrum", str(run), "--steps", "6", "--n-v", "2", "--m", "6", "--out",
+                 str(tmp_path / "out")]) == 0
+    assert load_npz(run / "landscape" / "spectrum.npz")["steps"].tolist() == [6]
 
 
 def test_spectrum_command_says_what_is_wrong_in_one_line(trajectory_runs, tmp_path, capsys):
