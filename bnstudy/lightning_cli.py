@@ -115,8 +115,10 @@ class _ConfigDumper(yaml.SafeDumper):
     parsed. Resolving plain scalars as jsonargparse's reader does quotes such strings."""
 
 
+# the floats jsonargparse reads that YAML 1.1 does not: an exponent without a sign or without a
+# dot (1e5, 1.5e5, 2E+3); its other float and int forms are YAML 1.1's, which SafeDumper knows
 _ConfigDumper.add_implicit_resolver("tag:yaml.org,2002:float",
-                                    re.compile(r"^[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+$"),
+                                    re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
                                     list("-+0123456789"))
 
 

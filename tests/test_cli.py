@@ -141,6 +141,17 @@ def test_a_stored_config_parses_back_with_number_like_strings(in_tmp, monkeypatc
     assert len(set(ids)) == 300 and all(i[0].isalpha() and len(i) == 8 for i in ids)
 
 
+def test_the_config_dumper_quotes_every_string_jsonargparse_would_read_otherwise():
+    from jsonargparse import get_loader
+
+    from bnstudy.lightning_cli import _dump_config
+
+    strings = ["323174e6", "1e5", "1.5e5", "1.e5", "-2.5E3", "2E+3", ".5e-3", "12", "0x1f",
+               "1:30", "true", "null", "~", "1.5", ".inf", "abc", "a1e5", "2026-12-07"]
+    data = {"values": strings, "numbers": [1e-6, 0.1, 3, True, None]}
+    assert get_loader("yaml")(_dump_config(data)) == data
+
+
 @pytest.mark.slow
 def test_wandb_offline_run_has_config_and_metrics(in_tmp):
     run_dir = in_tmp / "run"
