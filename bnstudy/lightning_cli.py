@@ -11,7 +11,8 @@ Beyond LightningCLI it adds:
 - W&B never hangs: with no WANDB_MODE and no API key it runs offline (sync later);
 - a run directory that protects its run (bnstudy/rundir.py): a lock, no resume with a changed
   config, checkpoints checked before anything is written, nothing left by a run that fails before
-  its first step; SIGTERM/SIGINT stop at the end of a step with a resumable checkpoint.
+  its first step; SIGTERM/SIGINT stop at the end of a step with a resumable checkpoint;
+- a config.yaml that jsonargparse reads back as written (strings such as 1e5 quoted).
 """
 from __future__ import annotations
 
